@@ -1,0 +1,316 @@
+"""onnx <-> onnx-graphsurgeon, without losing what graphsurgeon does not model.
+
+graphsurgeon keeps nodes, tensors, opsets, local functions and subgraphs; the model-level fields it
+drops (metadata_props, doc strings, domain, model_version, training info) are carried over from the
+source model on export. Weights stored as external data stay lazy: the TensorProto keeps its
+reference (rewritten to an absolute path at load, so reading one tensor works from any cwd) and is
+streamed into the new data file by `save`, never held in memory as a whole model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Iterator, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx.external_data_helper import uses_external_data
+
+from .errors import InvalidModelError, UnsupportedModelError
+
+ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto above this cannot exist: weights go external
+EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this big go to the data file when saving external
+MIN_OPSET = 7
+
+
+# --------------------------------------------------------------------------------------------- load
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """A private, checked copy of `model` (path, bytes or ModelProto). Never mutates the input."""
+    if isinstance(model, onnx.ModelProto):
+        proto = copy.deepcopy(model)
+        where = "the given ModelProto"
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        proto = _parse(bytes(model), "the given bytes")
+        where = "the given bytes"
+    elif isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise InvalidModelError(f"{path}: no such file")
+        with open(path, "rb") as f:
+            data = f.read()
+        proto = _parse(data, path)
+        _absolutize_external_data(proto, os.path.dirname(os.path.abspath(path)), path)
+        where = path
+    else:
+        raise InvalidModelError(
+            f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
+    _check(proto, where)
+    return proto
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, sometimes RuntimeWarning-ish others
+        raise InvalidModelError(f"{where}: not an ONNX model (protobuf parse failed: {exc})") from None
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise InvalidModelError(f"{where}: not an ONNX model (no graph or no IR version)")
+    return proto
+
+
+def _check(proto: onnx.ModelProto, where: str) -> None:
+    default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not default:
+        raise InvalidModelError(f"{where}: model has no default-domain opset import")
+    if default[0] < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{where}: opset {default[0]} is not supported (need >= {MIN_OPSET}); "
+            "convert it with onnx.version_converter first")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
+        raise InvalidModelError(f"{where}: invalid ONNX model: {first}") from None
+    except ValueError as exc:  # e.g. proto too large for the in-memory checker
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            raise InvalidModelError(f"{where}: invalid ONNX model: {exc}") from None
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def _absolutize_external_data(proto: onnx.ModelProto, base_dir: str, where: str) -> None:
+    for t in _all_tensors(proto.graph):
+        if not uses_external_data(t):
+            continue
+        for entry in t.external_data:
+            if entry.key == "location":
+                loc = entry.value if os.path.isabs(entry.value) else os.path.join(base_dir, entry.value)
+                if not os.path.isfile(loc):
+                    raise InvalidModelError(
+                        f"{where}: external data file {entry.value!r} of tensor {t.name!r} not found")
+                entry.value = os.path.normpath(loc)
+
+
+# ------------------------------------------------------------------------------------- graph <-> IR
+
+def import_graph(proto: onnx.ModelProto, infer_shapes: bool = True) -> gs.Graph:
+    """graphsurgeon Graph for `proto` (which the caller owns). Shape inference first, best effort."""
+    if infer_shapes:
+        proto = infer_model_shapes(proto)
+    return gs.import_onnx(proto)
+
+
+def infer_model_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
+                                                 data_prop=True)
+    except Exception:  # inference is advisory: models with unknown custom ops still optimize
+        return proto
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """ModelProto for `graph`, with the model-level fields of `template` carried over."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    model.graph.doc_string = template.graph.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    if template.training_info:
+        model.training_info.extend(template.training_info)
+    # Opset imports: keep the source's (graphsurgeon may drop unused domains), add any new domain.
+    versions = {o.domain: o.version for o in template.opset_import}
+    for o in model.opset_import:
+        versions.setdefault(o.domain, o.version)
+    used = set(_used_domains(model.graph)) | {f.domain for f in model.functions}
+    for fn in model.functions:
+        used |= set(_used_domains_nodes(fn.node))
+    for dom in used:
+        if dom not in versions and dom not in ("ai.onnx",):
+            versions[dom] = 1
+    del model.opset_import[:]
+    for dom, ver in versions.items():
+        model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+    return model
+
+
+def _used_domains_nodes(nodes) -> Iterator[str]:
+    for node in nodes:
+        yield node.domain
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _used_domains(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _used_domains(g)
+
+
+def _used_domains(graph: onnx.GraphProto) -> Iterator[str]:
+    yield from _used_domains_nodes(graph.node)
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """`graph` and every subgraph of If/Loop/Scan nodes in it, outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            subs = attr if isinstance(attr, (list, tuple)) else [attr]
+            for sub in subs:
+                if isinstance(sub, gs.Graph):
+                    yield from iter_graphs(sub)
+
+
+def count_nodes(graph: gs.Graph) -> int:
+    return sum(len(g.nodes) for g in iter_graphs(graph))
+
+
+# ----------------------------------------------------------------------------------------- values
+
+def is_constant(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def constant_value(t: gs.Tensor) -> np.ndarray | None:
+    """Numpy value of a Constant (loads external data on demand), else None."""
+    if not isinstance(t, gs.Constant):
+        return None
+    return np.asarray(t.values)
+
+
+def nbytes(t: gs.Constant) -> int:
+    v = t._values
+    if hasattr(v, "nbytes"):
+        return int(v.nbytes)
+    return int(np.asarray(t.values).nbytes)
+
+
+# ------------------------------------------------------------------------------------------- save
+
+def model_size(proto: onnx.ModelProto) -> int:
+    """Bytes of the model including external data it references."""
+    total = 0
+    seen = set()
+    for t in _all_tensors(proto.graph):
+        if uses_external_data(t):
+            info = {e.key: e.value for e in t.external_data}
+            key = (info.get("location"), info.get("offset"))
+            if key not in seen:
+                seen.add(key)
+                total += int(info.get("length", 0)) or _tensor_nbytes(t)
+    return total + proto.ByteSize()
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def needs_external(proto: onnx.ModelProto) -> bool:
+    return any(uses_external_data(t) for t in _all_tensors(proto.graph)) or \
+        proto.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+
+
+def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool | None = None) -> None:
+    """Write `model` to `path` atomically (temp file + rename).
+
+    Weights go to `<name>.data` beside it when `external_data` is true, or (default) when the model
+    references external data already or would not fit in one protobuf. Tensors already external are
+    streamed from their source file; the in-memory `model` is not modified.
+    """
+    path = os.fspath(path)
+    out_dir = os.path.dirname(os.path.abspath(path)) or "."
+    if external_data is None:
+        external_data = needs_external(model)
+    if not external_data:
+        _atomic_write(path, out_dir, model.SerializeToString())
+        return
+    data_name = os.path.basename(path) + ".data"
+    data_path = os.path.join(out_dir, data_name)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)  # only references and small tensors: large ones are external already
+    fd, tmp_data = tempfile.mkstemp(prefix=".onnxopt-", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as data_file:
+            for t in _all_tensors(proto.graph):
+                _externalize(t, data_file, data_name)
+        _atomic_write(path, out_dir, proto.SerializeToString(), before_rename=lambda: os.replace(tmp_data, data_path))
+    except BaseException:
+        if os.path.exists(tmp_data):
+            os.unlink(tmp_data)
+        raise
+
+
+def _externalize(t: onnx.TensorProto, data_file, data_name: str) -> None:
+    align = 4096
+    if uses_external_data(t):
+        info = {e.key: e.value for e in t.external_data}
+        src_offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else _tensor_nbytes(t)
+        pos = data_file.tell()
+        pad = (-pos) % align
+        data_file.write(b"\0" * pad)
+        offset = pos + pad
+        with open(info["location"], "rb") as src:
+            src.seek(src_offset)
+            remaining = length
+            while remaining:
+                chunk = src.read(min(remaining, 64 << 20))
+                if not chunk:
+                    raise InvalidModelError(f"external data of {t.name!r} is truncated")
+                data_file.write(chunk)
+                remaining -= len(chunk)
+    else:
+        if not t.HasField("raw_data"):
+            if _tensor_nbytes(t) < EXTERNAL_THRESHOLD or t.data_type == onnx.TensorProto.STRING:
+                return
+            arr = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+        if len(t.raw_data) < EXTERNAL_THRESHOLD:
+            return
+        pos = data_file.tell()
+        pad = (-pos) % align
+        data_file.write(b"\0" * pad)
+        offset = pos + pad
+        length = len(t.raw_data)
+        data_file.write(t.raw_data)
+        t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def _atomic_write(path: str, out_dir: str, data: bytes, before_rename=None) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".onnxopt-", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,55 @@
+// OrtCustomOp filled from a kernel class, at struct version kOrtApiVersion (17): ORT reads only the
+// fields that existed in API 17 (through GetEndVersion), so later fields stay null.
+//
+// A Kernel provides
+//   static constexpr const char* kName;
+//   static const IoSpec kInputs[];  static constexpr std::size_t kNumInputs;   (one float output)
+//   explicit Kernel(const OrtKernelInfo*);      // validates and packs; throws OpError
+//   void compute(OrtKernelContext*) const;      // const: concurrent Run() calls share the kernel
+#pragma once
+
+#include <climits>
+
+#include "ort_glue.h"
+
+namespace onnxopt::ortops {
+
+template <class Kernel>
+const OrtCustomOp* custom_op() {
+  static const OrtCustomOp op = [] {
+    OrtCustomOp o{};
+    o.version = kOrtApiVersion;
+    o.GetName = [](const OrtCustomOp*) -> const char* { return Kernel::kName; };
+    o.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+    o.GetInputTypeCount = [](const OrtCustomOp*) -> std::size_t { return Kernel::kNumInputs; };
+    o.GetInputType = [](const OrtCustomOp*, std::size_t i) { return Kernel::kInputs[i].type; };
+    o.GetInputCharacteristic = [](const OrtCustomOp*, std::size_t i) {
+      return Kernel::kInputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
+    o.GetOutputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 1; };
+    o.GetOutputType = [](const OrtCustomOp*, std::size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    o.GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
+    o.GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
+    o.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    o.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    o.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    o.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    o.CreateKernel = nullptr;  // V2 below reports errors as OrtStatus
+    o.KernelCompute = nullptr;
+    o.CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+      *kernel = nullptr;
+      return guarded([&] { *kernel = new Kernel(info); });
+    };
+    o.KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) {
+      return guarded([&] { static_cast<const Kernel*>(kernel)->compute(ctx); });
+    };
+    o.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+    o.InferOutputShapeFn = nullptr;
+    o.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    o.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+    return o;
+  }();
+  return &op;
+}
+
+}  // namespace onnxopt::ortops

@@ -24,7 +24,6 @@ ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto above this cannot exist: weights go external
 EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this big go to the data file when saving external
-MIN_OPSET = 7
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -68,10 +67,11 @@ def _check(proto: onnx.ModelProto, where: str) -> None:
     default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
         raise InvalidModelError(f"{where}: model has no default-domain opset import")
-    if default[0] < MIN_OPSET:
+    newest = onnx.defs.onnx_opset_version()
+    if default[0] > newest:
         raise UnsupportedModelError(
-            f"{where}: opset {default[0]} is not supported (need >= {MIN_OPSET}); "
-            "convert it with onnx.version_converter first")
+            f"{where}: opset {default[0]} is newer than this onnx package knows ({newest}); "
+            "upgrade onnx or export with an older opset")
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
@@ -139,6 +139,18 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(template.metadata_props)
     if template.training_info:
         model.training_info.extend(template.training_info)
+    # Graph inputs/outputs keep the source's declared types exactly (exact passes never change
+    # them; shape inference would otherwise invent names like unk__0 for unknown dims).
+    for field in ("input", "output"):
+        declared = {v.name: v for v in getattr(template.graph, field)}
+        for v in getattr(model.graph, field):
+            if v.name in declared:
+                v.CopyFrom(declared[v.name])
+    if template.ir_version < 4:  # IR < 4: every initializer must also be a graph input
+        listed = {i.name for i in model.graph.input}
+        for t in model.graph.initializer:
+            if t.name not in listed:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     # Opset imports: keep the source's (graphsurgeon may drop unused domains), add any new domain.
     versions = {o.domain: o.version for o in template.opset_import}
     for o in model.opset_import:

@@ -1,0 +1,124 @@
+"""Before/after comparison of two models through onnxruntime: latency (interleaved, medians of
+rounds, measured in one process), size, node count and output fidelity."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnx
+
+from . import ir, verify
+
+
+@dataclasses.dataclass
+class Comparison:
+    nodes: tuple
+    size: tuple
+    latency_ms: tuple  # medians
+    max_abs_diff: float
+    cosine: float
+    argmax_agreement: Optional[float]
+    rounds: int
+
+    @property
+    def speedup(self) -> float:
+        return self.latency_ms[0] / self.latency_ms[1] if self.latency_ms[1] > 0 else float("nan")
+
+    def format(self, names=("before", "after")) -> str:
+        b, a = names
+        rows = [
+            ("nodes", f"{self.nodes[0]}", f"{self.nodes[1]}", f"{self.nodes[1] / max(self.nodes[0], 1):.2f}x"),
+            ("size", _human(self.size[0]), _human(self.size[1]), f"{self.size[1] / max(self.size[0], 1):.2f}x"),
+            ("latency (median)", f"{self.latency_ms[0]:.3f} ms", f"{self.latency_ms[1]:.3f} ms",
+             f"{self.speedup:.2f}x faster"),
+        ]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(b), *(len(r[1]) for r in rows))
+        w2 = max(len(a), *(len(r[2]) for r in rows))
+        lines = [f"{'':<{w0}}  {b:>{w1}}  {a:>{w2}}  ratio", "-" * (w0 + w1 + w2 + 18)]
+        lines += [f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]}" for r in rows]
+        fid = f"max abs diff {self.max_abs_diff:.3g}, cosine {self.cosine:.6f}"
+        if self.argmax_agreement is not None:
+            fid += f", argmax agreement {self.argmax_agreement:.4f}"
+        lines.append(f"fidelity: {fid}  (onnxruntime, same inputs; latency: {self.rounds} interleaved rounds)")
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def time_sessions(sessions, feeds: Dict[str, np.ndarray], rounds: int = 7, min_time: float = 0.05,
+                  progress: bool = False) -> List[float]:
+    """Median milliseconds per run of each session, measured interleaved round by round."""
+    for s in sessions:  # warm-up
+        s.run(None, feeds)
+    per_round_runs = []
+    for s in sessions:
+        t0 = time.perf_counter()
+        s.run(None, feeds)
+        dt = max(time.perf_counter() - t0, 1e-6)
+        per_round_runs.append(max(1, int(min_time / dt)))
+    samples = [[] for _ in sessions]
+    for r in range(rounds):
+        for i, s in enumerate(sessions):
+            n = per_round_runs[i]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                s.run(None, feeds)
+            samples[i].append((time.perf_counter() - t0) / n * 1e3)
+        if progress:
+            print(f"\r  timing: round {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return [float(np.median(s)) for s in samples]
+
+
+def fidelity(ref: List[np.ndarray], got: List[np.ndarray]) -> tuple:
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in ref]) if ref else np.zeros(0)
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in got]) if got else np.zeros(0)
+    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    cos = float(a @ b / denom) if denom > 0 else (1.0 if np.allclose(a, b) else 0.0)
+    agree = None
+    first_ref, first_got = np.asarray(ref[0]), np.asarray(got[0])
+    if first_ref.ndim >= 2 and first_ref.shape[-1] > 1 and first_ref.dtype.kind == "f":
+        agree = float(np.mean(first_ref.argmax(-1) == first_got.argmax(-1)))
+    return max_abs, cos, agree
+
+
+def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Optional[Dict] = None,
+                   rounds: int = 7, threads: int = 1, optimization: str = "all", progress: bool = False,
+                   seed: int = 0) -> Comparison:
+    feeds = feeds if feeds is not None else verify.make_feeds(before, seed)
+    s_before = verify.session(before, optimization=optimization, threads=threads)
+    s_after = verify.session(after, optimization=optimization, threads=threads)
+    ref = s_before.run(None, feeds)
+    got = s_after.run(None, feeds)
+    max_abs, cos, agree = fidelity(ref, got)
+    lat = time_sessions([s_before, s_after], feeds, rounds=rounds, progress=progress)
+    return Comparison(nodes=(ir_count(before), ir_count(after)), size=(ir.model_size(before), ir.model_size(after)),
+                      latency_ms=(lat[0], lat[1]), max_abs_diff=max_abs, cosine=cos, argmax_agreement=agree,
+                      rounds=rounds)
+
+
+def ir_count(model: onnx.ModelProto) -> int:
+    def count(g):
+        n = 0
+        for node in g.node:
+            n += 1
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    n += count(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    n += sum(count(x) for x in a.graphs)
+        return n
+
+    return count(model.graph)

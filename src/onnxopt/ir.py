@@ -43,8 +43,10 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         with open(path, "rb") as f:
             data = f.read()
         proto = _parse(data, path)
+        del data
+        _check(proto, path, model_path=path)
         _absolutize_external_data(proto, os.path.dirname(os.path.abspath(path)), path)
-        where = path
+        return proto
     else:
         raise InvalidModelError(
             f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
@@ -63,7 +65,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
-def _check(proto: onnx.ModelProto, where: str) -> None:
+def _check(proto: onnx.ModelProto, where: str, model_path: str | None = None) -> None:
     default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
         raise InvalidModelError(f"{where}: model has no default-domain opset import")
@@ -72,8 +74,11 @@ def _check(proto: onnx.ModelProto, where: str) -> None:
         raise UnsupportedModelError(
             f"{where}: opset {default[0]} is newer than this onnx package knows ({newest}); "
             "upgrade onnx or export with an older opset")
+    external = any(uses_external_data(t) for t in _all_tensors(proto.graph))
+    if external and model_path is None:
+        return  # locations are relative to a directory we do not know; checked when read
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(model_path if external else proto)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
         raise InvalidModelError(f"{where}: invalid ONNX model: {first}") from None
@@ -114,7 +119,37 @@ def import_graph(proto: onnx.ModelProto, infer_shapes: bool = True) -> gs.Graph:
     """graphsurgeon Graph for `proto` (which the caller owns). Shape inference first, best effort."""
     if infer_shapes:
         proto = infer_model_shapes(proto)
-    return gs.import_onnx(proto)
+    extras = _take_node_extras(proto.graph, {}, [0])
+    graph = gs.import_onnx(proto)
+    graph._onnxopt_node_extras = extras
+    return graph
+
+
+def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _walk_nodes(g)
+
+
+def _take_node_extras(graph: onnx.GraphProto, extras: dict, counter: list) -> dict:
+    """Node doc strings and metadata_props, which graphsurgeon drops, keyed by (made-unique) name."""
+    names = {n.name for n in _walk_nodes(graph) if n.name}
+    for node in _walk_nodes(graph):
+        meta = list(getattr(node, "metadata_props", []))
+        if not node.doc_string and not meta:
+            continue
+        if not node.name or node.name in extras:
+            while f"{node.op_type}_{counter[0]}" in names:
+                counter[0] += 1
+            node.name = f"{node.op_type}_{counter[0]}"
+            names.add(node.name)
+        extras[node.name] = (node.doc_string, meta)
+    return extras
 
 
 def infer_model_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -137,6 +172,14 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.doc_string = template.graph.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    extras = getattr(graph, "_onnxopt_node_extras", None)
+    if extras:
+        for node in _walk_nodes(model.graph):
+            if node.name in extras:
+                doc, meta = extras[node.name]
+                node.doc_string = doc
+                if meta:
+                    node.metadata_props.extend(meta)
     if template.training_info:
         model.training_info.extend(template.training_info)
     # Graph inputs/outputs keep the source's declared types exactly (exact passes never change
@@ -191,6 +234,14 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
             for sub in subs:
                 if isinstance(sub, gs.Graph):
                     yield from iter_graphs(sub)
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of `old` (in any graph, subgraphs included) read `new` instead."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
 
 
 def count_nodes(graph: gs.Graph) -> int:

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .. import ir
 from .base import Pass, PassContext, Refusal
 
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal", "BitwiseAnd", "BitwiseOr",
@@ -240,8 +241,7 @@ class RewriteRule(Pass):
         if isinstance(result, gs.Tensor):  # an existing tensor: rewire consumers
             if out in graph.outputs:
                 return False
-            for consumer in list(out.outputs):
-                consumer.inputs[:] = [result if t is out else t for t in consumer.inputs]
+            ir.replace_uses(out, result)
             root.outputs.clear()
             return True
         raise TypeError(f"rule {self.name}: replacement must return a tensor or None, got {type(result).__name__}")

@@ -83,6 +83,12 @@ void qgemm_f32(const float* A, int M, int lda, const float* x_scale, const std::
 void quantize_rows_dynamic(const float* x, int M, int K, int ldx, std::uint8_t* q, int ldq,
                            float* scale, std::uint8_t* zp);
 void quantize_static(const float* x, std::size_t n, float scale, std::uint8_t zp, std::uint8_t* q);
+// The same with an explicit ISA (bit-identical results; for tests). Throws std::invalid_argument
+// when the CPU cannot run `isa`.
+void quantize_rows_dynamic(const float* x, int M, int K, int ldx, std::uint8_t* q, int ldq,
+                           float* scale, std::uint8_t* zp, Isa isa);
+void quantize_static(const float* x, std::size_t n, float scale, std::uint8_t zp, std::uint8_t* q,
+                     Isa isa);
 
 // 2-D convolution, NCHW float in / float out, int8 weights [M, C/group, kH, kW] packed once.
 struct ConvParams {
@@ -106,6 +112,9 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
 // stage.w_scale is per output channel when per_column.
 void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, const std::uint8_t* x_zp,
                  const PackedConv& w, const OutputStage& stage, float* Y, const Parallel& par);
+
+// Isa that conv weights were packed for (the micro-kernel they run on).
+Isa packed_conv_isa(const PackedConv& w);
 
 inline int conv_out_dim(int in, int k, int stride, int dil, int pad0, int pad1) {
   return (in + pad0 + pad1 - dil * (k - 1) - 1) / stride + 1;

@@ -1,0 +1,100 @@
+// CPU feature detection, ISA selection and the serial fallback of Parallel.
+#include <cpuid.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "internal.h"
+
+namespace onnxopt {
+
+namespace {
+
+std::uint64_t xgetbv0() {
+  std::uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<std::uint64_t>(edx) << 32) | eax;
+}
+
+Isa detect() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::Scalar;
+  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+  if (!osxsave || !avx) return Isa::Scalar;
+  const std::uint64_t xcr0 = xgetbv0();
+  const bool ymm_state = (xcr0 & 0x6) == 0x6;             // SSE + AVX state enabled by the OS
+  const bool zmm_state = (xcr0 & 0xE6) == 0xE6;           // + opmask, ZMM_Hi256, Hi16_ZMM
+  if (!ymm_state || __get_cpuid_max(0, nullptr) < 7) return Isa::Scalar;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1,
+             avx512vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
+  if (zmm_state && avx512f && avx512bw && avx512vl && vnni && avx2 && fma) return Isa::Avx512Vnni;
+  if (avx2 && fma) return Isa::Avx2;
+  return Isa::Scalar;
+}
+
+// ONNXOPT_ISA caps the choice; asking for more than the CPU has falls back to what it has
+// (info() in Python reports both the request and the result).
+Isa from_env(Isa detected) {
+  const char* e = std::getenv("ONNXOPT_ISA");
+  if (!e || !*e) return detected;
+  Isa want;
+  if (!std::strcmp(e, "scalar"))
+    want = Isa::Scalar;
+  else if (!std::strcmp(e, "avx2"))
+    want = Isa::Avx2;
+  else if (!std::strcmp(e, "avx512vnni"))
+    want = Isa::Avx512Vnni;
+  else
+    return detected;
+  return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
+}
+
+}  // namespace
+
+Isa detected_isa() {
+  static const Isa isa = detect();
+  return isa;
+}
+
+Isa active_isa() {
+  static const Isa isa = from_env(detected_isa());
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512Vnni: return "avx512vnni";
+  }
+  return "unknown";
+}
+
+void Parallel::operator()(void (*fn)(void*, std::size_t), std::size_t total, void* data) const {
+  if (run == nullptr || total <= 1 || degree <= 1) {
+    for (std::size_t i = 0; i < total; ++i) fn(data, i);
+    return;
+  }
+  run(ctx, fn, total, data);
+}
+
+namespace detail {
+
+bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(detected_isa()); }
+
+const IsaOps& ops_for(Isa isa) {
+  if (!isa_supported(isa))
+    throw std::invalid_argument(std::string("onnxopt: ISA ") + isa_name(isa) + " is not supported by this CPU (best: " +
+                                isa_name(detected_isa()) + ")");
+  switch (isa) {
+    case Isa::Avx512Vnni: return ops_avx512vnni();
+    case Isa::Avx2: return ops_avx2();
+    default: return ops_scalar();
+  }
+}
+
+}  // namespace detail
+}  // namespace onnxopt

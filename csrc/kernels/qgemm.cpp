@@ -1,0 +1,301 @@
+// Weight packing, the blocked GEMM driver, and the qgemm / quantization entry points.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "driver.h"
+
+namespace onnxopt {
+namespace detail {
+
+std::shared_ptr<PackedB> pack_b(const std::int8_t* B, int K, int N, std::ptrdiff_t ldk, std::ptrdiff_t ldn,
+                                Isa isa, const std::int8_t* w_zp) {
+  if (K < 0 || N < 0) throw std::invalid_argument("onnxopt: pack_weights: negative shape");
+  auto p = std::make_shared<PackedB>();
+  p->ops = &ops_for(isa);
+  const IsaOps& o = *p->ops;
+  const int panel_cols = o.NR * o.NB;
+  p->K_ = K;
+  p->N_ = N;
+  p->Kp = round_up(K, 4);
+  p->Np = round_up(N, panel_cols);
+  const int groups = p->Kp / o.KR;
+  p->panel_bytes = static_cast<std::size_t>(groups) * panel_cols * o.KR * o.elem;
+  const int np = p->panels();
+  const std::size_t bytes = p->panel_bytes * static_cast<std::size_t>(np);
+  p->data = aligned_alloc_n<std::int8_t>(bytes);
+  std::memset(p->data.get(), 0, bytes + 64);
+  for (int pi = 0; pi < np; ++pi) {
+    const int n0 = pi * panel_cols;
+    const int nb = std::min(o.NB, (N - n0 + o.NR - 1) / o.NR);
+    std::int8_t* dst = p->data.get() + static_cast<std::size_t>(pi) * p->panel_bytes;
+    for (int g = 0; g < groups; ++g) {
+      for (int j = 0; j < nb * o.NR; ++j) {
+        for (int kk = 0; kk < o.KR; ++kk) {
+          const int k = g * o.KR + kk, n = n0 + j;
+          const std::int8_t v = (k < K && n < N) ? B[k * ldk + n * ldn] : 0;
+          const std::size_t idx = ((static_cast<std::size_t>(g) * nb * o.NR) + j) * o.KR + kk;
+          if (o.elem == 1) {
+            dst[idx] = v;
+          } else {
+            const std::int16_t w = v;
+            std::memcpy(dst + idx * 2, &w, 2);
+          }
+        }
+      }
+    }
+  }
+  p->colsum.assign(p->Np, 0);
+  for (int n = 0; n < N; ++n) {
+    std::int32_t s = 0;
+    for (int k = 0; k < K; ++k) s += B[k * ldk + n * ldn];
+    p->colsum[n] = s;
+  }
+  if (w_zp) {
+    bool any = false;
+    for (int n = 0; n < N; ++n) any |= w_zp[n] != 0;
+    if (any) {
+      p->wzp.assign(p->Np, 0);
+      for (int n = 0; n < N; ++n) p->wzp[n] = w_zp[n];
+    }
+  }
+  return p;
+}
+
+void dynamic_params(float lo, float hi, float* scale, float* zpf) {
+  const float s = (hi == lo) ? 1.f : (hi - lo) / 255.f;
+  float z = std::nearbyint(-lo / s);
+  z = z > 0.f ? z : 0.f;
+  z = z < 255.f ? z : 255.f;
+  *scale = s;
+  *zpf = z;
+}
+
+std::vector<float> expand_scale(const OutputStage& st, int N) {
+  if (!st.w_scale) throw std::invalid_argument("onnxopt: output stage without w_scale");
+  if (st.per_column) return std::vector<float>(st.w_scale, st.w_scale + N);
+  return std::vector<float>(static_cast<std::size_t>(N), st.w_scale[0]);
+}
+
+namespace {
+
+struct GemmJob {
+  const PackedB* B;
+  int M;
+  ASource src;
+  Epilogue ep;
+  int mtiles, mchunks, nchunks, mc;
+};
+
+void gemm_task(void* data, std::size_t i) {
+  const GemmJob& job = *static_cast<const GemmJob*>(data);
+  const PackedB& B = *job.B;
+  const IsaOps& o = *B.ops;
+  const int mi = static_cast<int>(i) / job.nchunks, ni = static_cast<int>(i) % job.nchunks;
+  const int np = B.panels();
+  const int row0 = static_cast<int>(static_cast<long long>(job.mtiles) * mi / job.mchunks) * o.MR;
+  const int row1 = std::min(job.M, static_cast<int>(static_cast<long long>(job.mtiles) * (mi + 1) / job.mchunks) * o.MR);
+  const int p0 = static_cast<int>(static_cast<long long>(np) * ni / job.nchunks);
+  const int p1 = static_cast<int>(static_cast<long long>(np) * (ni + 1) / job.nchunks);
+  if (row0 >= row1 || p0 >= p1) return;
+  const int mc = std::min(job.mc, row1 - row0);
+  const int lda = std::max(B.Kp, 4);
+  auto abuf = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(mc) * lda);
+  std::vector<std::int32_t> zp(mc), rsum(B.wzp.empty() ? 0 : mc);
+  std::vector<float> scale(mc);
+  const int panel_cols = o.NR * o.NB;
+  for (int m0 = row0; m0 < row1; m0 += mc) {
+    const int mb = std::min(mc, row1 - m0);
+    std::memset(abuf.get(), 0, static_cast<std::size_t>(mb) * lda);
+    job.src.fill(job.src.ctx, m0, mb, abuf.get(), lda, zp.data(), scale.data());
+    if (!rsum.empty()) {
+      for (int r = 0; r < mb; ++r) {
+        const std::uint8_t* a = abuf.get() + static_cast<std::size_t>(r) * lda;
+        std::int32_t s = 0;
+        for (int k = 0; k < B.K_; ++k) s += a[k];
+        rsum[r] = s;
+      }
+    }
+    for (int p = p0; p < p1; ++p) {
+      const int n0 = p * panel_cols;
+      const int ncols = std::min(panel_cols, B.N_ - n0);
+      Tile t;
+      t.lda = lda;
+      t.B = B.panel(p);
+      t.Kp = B.Kp;
+      t.nb = (ncols + o.NR - 1) / o.NR;
+      t.ncols = ncols;
+      t.n = n0;
+      for (int r = 0; r < mb; r += o.MR) {
+        t.A = abuf.get() + static_cast<std::size_t>(r) * lda;
+        t.mr = std::min(o.MR, mb - r);
+        t.m = m0 + r;
+        t.rzp = zp.data() + r;
+        t.rscale = scale.data() + r;
+        t.rsum = rsum.empty() ? nullptr : rsum.data() + r;
+        o.tile(t, job.ep);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Parallel& par) {
+  if (M <= 0 || B.N_ <= 0) return;
+  const IsaOps& o = *B.ops;
+  ep.K = B.K_;
+  ep.colsum = B.colsum.data();
+  ep.wzp = B.wzp.empty() ? nullptr : B.wzp.data();
+  GemmJob job{&B, M, src, ep, 0, 1, 1, 0};
+  job.mtiles = (M + o.MR - 1) / o.MR;
+  // Rows per A block: keep the packed block around 256 KB so it stays in L2 while B panels stream.
+  const int lda = std::max(B.Kp, 4);
+  job.mc = std::max(o.MR, (256 * 1024 / lda) / o.MR * o.MR);
+  const int np = B.panels();
+  const int degree = (par.run && par.degree > 1) ? par.degree : 1;
+  if (degree > 1) {
+    // Split rows first (each task packs/quantizes only its own rows); split columns only when
+    // there are too few row tiles to keep every thread busy.
+    const int target = 4 * degree;
+    job.mchunks = std::min(job.mtiles, target);
+    if (job.mchunks < 2 * degree) job.nchunks = std::min(np, (target + job.mchunks - 1) / job.mchunks);
+  }
+  par(gemm_task, static_cast<std::size_t>(job.mchunks) * job.nchunks, &job);
+}
+
+}  // namespace detail
+
+using namespace detail;
+
+std::shared_ptr<const PackedWeights> pack_weights(const std::int8_t* B, int K, int N, Isa isa, const std::int8_t* w_zp) {
+  return pack_b(B, K, N, N, 1, isa, w_zp);
+}
+
+namespace {
+
+const PackedB& as_packed(const PackedWeights& w) {
+  const auto* p = dynamic_cast<const PackedB*>(&w);
+  if (!p) throw std::invalid_argument("onnxopt: weights were not packed by pack_weights");
+  return *p;
+}
+
+Epilogue make_epilogue(const OutputStage& st, const float* wscale) {
+  Epilogue ep;
+  ep.wscale = wscale;
+  ep.bias = st.bias;
+  ep.act = st.act;
+  ep.lo = st.clip_lo;
+  ep.hi = st.clip_hi;
+  ep.requant = st.requant;
+  ep.out_scale = st.out_scale;
+  ep.out_zp = static_cast<float>(st.out_zp);
+  return ep;
+}
+
+struct U8Source {
+  const std::uint8_t* A;
+  int lda, K;
+  const std::uint8_t* zp;
+  const float* scale;
+  bool per_row;
+};
+
+void fill_u8(const void* ctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale) {
+  const U8Source& s = *static_cast<const U8Source*>(ctx);
+  for (int r = 0; r < mb; ++r) {
+    const int m = m0 + r;
+    if (s.K) std::memcpy(buf + static_cast<std::size_t>(r) * ldb, s.A + static_cast<std::size_t>(m) * s.lda, s.K);
+    zp[r] = s.per_row ? s.zp[m] : s.zp[0];
+    scale[r] = s.per_row ? s.scale[m] : s.scale[0];
+  }
+}
+
+struct F32Source {
+  const float* A;
+  int lda, K;
+  const float* x_scale;  // static when non-null
+  float x_zpf;
+  const IsaOps* ops;
+};
+
+void fill_f32(const void* ctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale) {
+  const F32Source& s = *static_cast<const F32Source*>(ctx);
+  for (int r = 0; r < mb; ++r) {
+    const float* x = s.A + static_cast<std::size_t>(m0 + r) * s.lda;
+    float sc, z;
+    if (s.x_scale) {
+      sc = *s.x_scale;
+      z = s.x_zpf;
+    } else {
+      float lo = 0.f, hi = 0.f;
+      s.ops->minmax(x, s.K, &lo, &hi);
+      dynamic_params(lo, hi, &sc, &z);
+    }
+    s.ops->quant(x, s.K, sc, z, buf + static_cast<std::size_t>(r) * ldb);
+    zp[r] = static_cast<std::int32_t>(z);
+    scale[r] = sc;
+  }
+}
+
+}  // namespace
+
+void qgemm(const std::uint8_t* A, int M, int lda, const std::uint8_t* a_zp, const float* a_scale, bool per_row_a,
+           const PackedWeights& Bw, const OutputStage& stage, float* c_f32, std::uint8_t* c_u8, int ldc,
+           const Parallel& par) {
+  const PackedB& B = as_packed(Bw);
+  if (M < 0 || lda < B.K_ || ldc < B.N_) throw std::invalid_argument("onnxopt: qgemm: bad shape or stride");
+  if (!a_zp || !a_scale) throw std::invalid_argument("onnxopt: qgemm: missing activation zero point / scale");
+  if (stage.requant ? !c_u8 : !c_f32) throw std::invalid_argument("onnxopt: qgemm: missing output buffer");
+  const std::vector<float> ws = expand_scale(stage, B.N_);
+  Epilogue ep = make_epilogue(stage, ws.data());
+  ep.cf = c_f32;
+  ep.cu = c_u8;
+  ep.ldm = ldc;
+  U8Source src{A, lda, B.K_, a_zp, a_scale, per_row_a};
+  run_gemm(B, M, ASource{fill_u8, &src}, ep, par);
+}
+
+void qgemm_f32(const float* A, int M, int lda, const float* x_scale, const std::uint8_t* x_zp, const PackedWeights& Bw,
+               const OutputStage& stage, float* C, int ldc, const Parallel& par) {
+  const PackedB& B = as_packed(Bw);
+  if (M < 0 || lda < B.K_ || ldc < B.N_) throw std::invalid_argument("onnxopt: qgemm_f32: bad shape or stride");
+  if (stage.requant) throw std::invalid_argument("onnxopt: qgemm_f32 produces float output (requant unsupported)");
+  if (!C) throw std::invalid_argument("onnxopt: qgemm_f32: missing output buffer");
+  const std::vector<float> ws = expand_scale(stage, B.N_);
+  Epilogue ep = make_epilogue(stage, ws.data());
+  ep.cf = C;
+  ep.ldm = ldc;
+  F32Source src{A, lda, B.K_, x_scale, x_scale ? static_cast<float>(x_zp ? *x_zp : 0) : 0.f, B.ops};
+  run_gemm(B, M, ASource{fill_f32, &src}, ep, par);
+}
+
+void quantize_rows_dynamic(const float* x, int M, int K, int ldx, std::uint8_t* q, int ldq, float* scale,
+                           std::uint8_t* zp, Isa isa) {
+  const IsaOps& o = ops_for(isa);
+  for (int m = 0; m < M; ++m) {
+    const float* row = x + static_cast<std::size_t>(m) * ldx;
+    float lo = 0.f, hi = 0.f, s, z;
+    o.minmax(row, K, &lo, &hi);
+    dynamic_params(lo, hi, &s, &z);
+    o.quant(row, K, s, z, q + static_cast<std::size_t>(m) * ldq);
+    scale[m] = s;
+    zp[m] = static_cast<std::uint8_t>(z);
+  }
+}
+
+void quantize_rows_dynamic(const float* x, int M, int K, int ldx, std::uint8_t* q, int ldq, float* scale,
+                           std::uint8_t* zp) {
+  quantize_rows_dynamic(x, M, K, ldx, q, ldq, scale, zp, active_isa());
+}
+
+void quantize_static(const float* x, std::size_t n, float scale, std::uint8_t zp, std::uint8_t* q, Isa isa) {
+  ops_for(isa).quant(x, n, scale, static_cast<float>(zp), q);
+}
+
+void quantize_static(const float* x, std::size_t n, float scale, std::uint8_t zp, std::uint8_t* q) {
+  quantize_static(x, n, scale, zp, q, active_isa());
+}
+
+}  // namespace onnxopt

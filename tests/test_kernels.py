@@ -1,0 +1,411 @@
+"""onnxopt.kernels: bit-exact against an int32 numpy reference on every ISA path of this machine,
+and native == numba bit for bit. No timing assertions."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import onnxopt.kernels as K
+
+F32 = np.float32
+NATIVE = K.info()["native_available"]
+ISAS = ["scalar", "avx2", "avx512vnni"]
+
+
+def _isa_params():
+    detected = K.info().get("detected_isa") if NATIVE else None
+    out = []
+    for isa in ISAS:
+        if not NATIVE:
+            reason = "native module not built"
+        elif ISAS.index(isa) > ISAS.index(detected):
+            reason = f"CPU lacks {isa} (detected {detected})"
+        else:
+            reason = None
+        out.append(pytest.param(isa, marks=pytest.mark.skip(reason=reason)) if reason else isa)
+    return out
+
+
+ISA_PARAMS = _isa_params()
+
+
+def bits_equal(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
+    if a.dtype == np.float32:
+        return np.array_equal(a.view(np.int32), b.view(np.int32))
+    return np.array_equal(a, b)
+
+
+def assert_bits(a, b):
+    assert bits_equal(a, b), f"max diff {np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))}"
+
+
+# ---------------------------------------------------------------------------------- reference
+def wrap32(v):
+    return ((v.astype(np.int64) + 2**31) % 2**32 - 2**31).astype(np.int32)
+
+
+def ref_output_stage(acc, a_scale, w_scale, bias, act, clip, out_scale, out_zp):
+    s = (np.asarray(a_scale, F32).reshape(-1, 1) * np.asarray(w_scale, F32).reshape(1, -1)).astype(F32)
+    y = wrap32(acc).astype(F32) * s
+    if bias is not None:
+        y = y + np.asarray(bias, F32)
+    if act == "relu":
+        y = np.where(y > 0, y, F32(0))
+    elif act == "clip":
+        lo, hi = F32(clip[0]), F32(clip[1])
+        y = np.where(y > lo, y, lo)
+        y = np.where(y < hi, y, hi)
+    y = y.astype(F32)
+    if out_scale is None:
+        return y
+    t = np.rint(y / F32(out_scale)) + F32(out_zp)
+    t = np.where(t > 0, t, F32(0))
+    t = np.where(t < 255, t, F32(255))
+    return t.astype(np.uint8)
+
+
+def ref_qgemm(a, a_zp, a_scale, w, w_zp, w_scale, bias=None, act="none", clip=None, out_scale=None, out_zp=0):
+    M = a.shape[0]
+    azp = np.broadcast_to(np.asarray(a_zp, np.int64).reshape(-1), (M,))
+    asc = np.broadcast_to(np.asarray(a_scale, F32).reshape(-1), (M,))
+    wzp = np.zeros(w.shape[1], np.int64) if w_zp is None else np.asarray(w_zp, np.int64)
+    acc = (a.astype(np.int64) - azp[:, None]) @ (w.astype(np.int64) - wzp[None, :])
+    return ref_output_stage(acc, asc, np.broadcast_to(np.asarray(w_scale, F32), (w.shape[1],)), bias, act, clip,
+                            out_scale, out_zp)
+
+
+def ref_dynamic_params(lo, hi):
+    lo, hi = F32(min(F32(0), lo)), F32(max(F32(0), hi))
+    s = F32(1) if hi == lo else F32((hi - lo) / F32(255))
+    z = np.rint(F32(-lo / s))
+    z = F32(min(max(z, F32(0)), F32(255)))
+    return s, z
+
+
+def ref_quant(x, s, z):
+    t = np.rint(np.asarray(x, F32) / F32(s)) + F32(z)
+    t = np.where(t > 0, t, F32(0))
+    t = np.where(t < 255, t, F32(255))
+    return t.astype(np.uint8)
+
+
+def ref_quant_rows(x):
+    q = np.empty(x.shape, np.uint8)
+    sc = np.empty(x.shape[0], F32)
+    zp = np.empty(x.shape[0], np.uint8)
+    for m in range(x.shape[0]):
+        lo = x[m].min() if x.shape[1] else F32(0)
+        hi = x[m].max() if x.shape[1] else F32(0)
+        s, z = ref_dynamic_params(lo, hi)
+        q[m], sc[m], zp[m] = ref_quant(x[m], s, z), s, np.uint8(z)
+    return q, sc, zp
+
+
+def ref_qconv(x, w, w_scale, bias, group, strides, pads, dil, act="none", clip=None, x_scale=None, x_zp=0):
+    N, C, H, W = x.shape
+    M, Cg, kH, kW = w.shape
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dil, pads
+    OH = (H + pt + pb - dh * (kH - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dw * (kW - 1) - 1) // sw + 1
+    Mg = M // group
+    ws = np.broadcast_to(np.asarray(w_scale, F32), (M,))
+    out = np.empty((N, M, OH, OW), F32)
+    for n in range(N):
+        if x_scale is None:
+            s, z = ref_dynamic_params(x[n].min(), x[n].max())
+        else:
+            s, z = F32(x_scale), F32(x_zp)
+        xq = np.full((C, H + pt + pb, W + pl + pr), np.uint8(z), np.uint8)
+        xq[:, pt:pt + H, pl:pl + W] = ref_quant(x[n], s, z)
+        for g in range(group):
+            cols = []
+            for c in range(Cg):
+                for i in range(kH):
+                    for j in range(kW):
+                        h0, w0 = i * dh, j * dw
+                        cols.append(xq[g * Cg + c, h0:h0 + sh * (OH - 1) + 1:sh, w0:w0 + sw * (OW - 1) + 1:sw].reshape(-1))
+            a = np.stack(cols, axis=1).astype(np.int64) - np.int64(z)  # [P, Kg]
+            wg = w[g * Mg:(g + 1) * Mg].reshape(Mg, -1).astype(np.int64).T  # [Kg, Mg]
+            y = ref_output_stage(a @ wg, np.full(a.shape[0], s, F32), ws[g * Mg:(g + 1) * Mg],
+                                 None if bias is None else bias[g * Mg:(g + 1) * Mg], act, clip, None, 0)
+            out[n, g * Mg:(g + 1) * Mg] = y.T.reshape(Mg, OH, OW)
+    return out
+
+
+# ---------------------------------------------------------------------------------- cases
+GEMM_SHAPES = [(1, 1, 1), (1, 5, 1), (1, 1, 17), (3, 1, 5), (7, 13, 29), (6, 64, 64), (13, 67, 130),
+               (2, 300, 33), (5, 129, 16), (19, 1031, 47), (1, 768, 80)]
+
+# (activation, clip, bias, per-column w_scale, w_zp, per-row a, requant)
+CONFIGS = [
+    ("none", None, False, False, False, False, False),
+    ("none", None, True, True, False, True, False),
+    ("relu", None, True, True, True, True, False),
+    ("clip", (-0.75, 0.5), True, False, True, False, False),
+    ("none", None, True, True, True, True, True),
+    ("relu", None, False, False, False, False, True),
+    ("clip", (-3.0, 2.0), True, True, False, True, True),
+]
+
+
+def make_gemm_case(rng, M, Kd, N, cfg):
+    act, clip, has_bias, per_col, has_wzp, per_row, requant = cfg
+    a = rng.integers(0, 256, (M, Kd)).astype(np.uint8)
+    w = rng.integers(-128, 128, (Kd, N)).astype(np.int8)
+    w_zp = rng.integers(-3, 4, N).astype(np.int8) if has_wzp else None
+    a_zp = rng.integers(0, 256, M).astype(np.uint8) if per_row else np.uint8(rng.integers(0, 256))
+    a_scale = (rng.random(M) * 0.01 + 1e-4).astype(F32) if per_row else F32(0.003)
+    w_scale = (rng.random(N) * 0.01 + 1e-4).astype(F32) if per_col else F32(0.0021)
+    bias = rng.standard_normal(N).astype(F32) if has_bias else None
+    out = (F32(0.05), 117) if requant else (None, 0)
+    return dict(a=a, a_zp=a_zp, a_scale=a_scale, w=w, w_zp=w_zp, w_scale=w_scale, bias=bias, act=act, clip=clip,
+                out_scale=out[0], out_zp=out[1])
+
+
+def run_qgemm(c, pw, backend=None, threads=None):
+    return K.qgemm_u8(c["a"], c["a_zp"], c["a_scale"], pw, c["w_scale"], c["bias"], c["act"], c["clip"],
+                      c["out_scale"], c["out_zp"], backend=backend, threads=threads)
+
+
+def ref_of(c):
+    return ref_qgemm(c["a"], c["a_zp"], c["a_scale"], c["w"], c["w_zp"], c["w_scale"], c["bias"], c["act"],
+                     c["clip"], c["out_scale"], c["out_zp"])
+
+
+# ---------------------------------------------------------------------------------- tests
+def test_info_reports_backend_and_isa():
+    i = K.info()
+    assert i["backend"] in ("native", "numba")
+    if NATIVE:
+        assert i["isa"] in ISAS and i["detected_isa"] in ISAS
+        assert ISAS.index(i["isa"]) <= ISAS.index(i["detected_isa"])
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_qgemm_u8_bit_exact(isa, shape):
+    rng = np.random.default_rng(hash(shape) % 2**32)
+    for cfg in CONFIGS:
+        c = make_gemm_case(rng, *shape, cfg)
+        pw = K.pack_weights(c["w"], c["w_zp"], isa=isa)
+        assert pw.native().isa == isa
+        assert_bits(run_qgemm(c, pw, backend="native"), ref_of(c))
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_qgemm_extremes_no_saturation(isa):
+    # 255 * -128 + 255 * -128 overflows int16: the AVX2 vpmaddubsw trap. Large K makes totals big.
+    for wv in (-128, 127, -127):
+        for Kd in (64, 1027, 4096):
+            a = np.full((5, Kd), 255, np.uint8)
+            a[1] = 0
+            a[2, ::2] = 0
+            w = np.full((Kd, 33), wv, np.int8)
+            w[:, 1::3] = -128
+            w[:, 2::3] = 127
+            c = dict(a=a, a_zp=np.uint8(0), a_scale=F32(1), w=w, w_zp=None, w_scale=F32(1), bias=None, act="none",
+                     clip=None, out_scale=None, out_zp=0)
+            pw = K.pack_weights(w, isa=isa)
+            got = run_qgemm(c, pw, backend="native")
+            exact = a.astype(np.int64) @ w.astype(np.int64)
+            assert np.array_equal(got, exact.astype(F32))
+            assert_bits(got, ref_of(c))
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("static", [False, True])
+def test_qgemm_f32_bit_exact(isa, static):
+    rng = np.random.default_rng(7)
+    for (M, Kd, N) in [(1, 1, 1), (4, 37, 19), (9, 300, 70), (1, 768, 64), (17, 130, 129)]:
+        x = (rng.standard_normal((M, Kd)) * 3).astype(F32)
+        if M > 2:
+            x[1] = np.abs(x[1])  # all-positive row: lo = 0
+            x[2] = 0.0           # all-zero row: scale = 1
+        w = rng.integers(-128, 128, (Kd, N)).astype(np.int8)
+        w_zp = rng.integers(-2, 3, N).astype(np.int8)
+        ws = (rng.random(N) * 0.01).astype(F32)
+        bias = rng.standard_normal(N).astype(F32)
+        pw = K.pack_weights(w, w_zp, isa=isa)
+        for act, clip in (("none", None), ("relu", None), ("clip", (-1.0, 1.5))):
+            if static:
+                xs, xz = F32(0.05), 131
+                q = ref_quant(x, xs, xz)
+                ref = ref_qgemm(q, xz, xs, w, w_zp, ws, bias, act, clip)
+            else:
+                q, sc, zp = ref_quant_rows(x)
+                ref = ref_qgemm(q, zp, sc, w, w_zp, ws, bias, act, clip)
+                xs = xz = None
+            got = K.qgemm_f32(x, pw, ws, bias, act, clip, x_scale=xs, x_zp=xz, backend="native")
+            assert_bits(got, ref)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_quantize_bit_exact(isa):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, 77)) * 2).astype(F32)
+    x[0] = 0
+    x[1] = np.abs(x[1]) + 1
+    x[2] = -np.abs(x[2]) - 1
+    x[3, :8] = [0.5, 1.5, 2.5, -0.5, -1.5, 254.5, 300.0, -300.0]  # ties to even and saturation
+    x[3, 8:] = 0
+    q, sc, zp = K.quantize_rows_dynamic(x, isa=isa)
+    rq, rsc, rzp = ref_quant_rows(x)
+    assert_bits(q, rq)
+    assert_bits(sc, rsc)
+    assert_bits(zp, rzp)
+    for s, z in ((F32(1.0), 0), (F32(1.0), 128), (F32(0.37), 3)):
+        assert_bits(K.quantize_static(x, s, z, isa=isa), ref_quant(x, s, z))
+
+
+CONV_CASES = [
+    # C, M, group, k, strides, pads (t, l, b, r), dilations, H, W
+    dict(C=4, M=6, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=9, W=11),
+    dict(C=6, M=4, group=2, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=10, W=9),
+    dict(C=8, M=8, group=8, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=7, W=13),  # depthwise
+    dict(C=4, M=8, group=4, k=(3, 3), strides=(2, 2), pads=(0, 1, 2, 1), dil=(1, 1), H=11, W=8),  # dw x2
+    dict(C=8, M=8, group=8, k=(5, 5), strides=(3, 1), pads=(2, 0, 1, 3), dil=(2, 1), H=14, W=9),  # dw stride 3
+    dict(C=3, M=5, group=1, k=(3, 2), strides=(1, 2), pads=(0, 1, 2, 1), dil=(2, 2), H=12, W=10),
+    dict(C=16, M=20, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=5, W=7),  # 1x1 direct
+    dict(C=16, M=17, group=1, k=(1, 1), strides=(2, 2), pads=(0, 0, 0, 0), dil=(1, 1), H=6, W=7),
+    dict(C=12, M=6, group=3, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=4, W=4),
+    dict(C=33, M=70, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=8, W=8),
+]
+
+
+def make_conv_case(rng, cs, N=2):
+    x = (rng.standard_normal((N, cs["C"], cs["H"], cs["W"])) * 2).astype(F32)
+    w = rng.integers(-128, 128, (cs["M"], cs["C"] // cs["group"]) + cs["k"]).astype(np.int8)
+    ws = (rng.random(cs["M"]) * 0.01).astype(F32)
+    bias = rng.standard_normal(cs["M"]).astype(F32)
+    return x, w, ws, bias
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("ci", range(len(CONV_CASES)))
+def test_qconv2d_bit_exact(isa, ci):
+    cs = CONV_CASES[ci]
+    rng = np.random.default_rng(100 + ci)
+    x, w, ws, bias = make_conv_case(rng, cs)
+    pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"], isa=isa)
+    for act, clip, b, xs, per_ch in (("none", None, None, None, True), ("relu", None, bias, None, False),
+                                     ("clip", (-0.5, 0.8), bias, 0.04, True)):
+        wsc = ws if per_ch else ws[0]
+        got = K.qconv2d(x, pc, wsc, b, act, clip, x_scale=xs, x_zp=None if xs is None else 120, backend="native")
+        ref = ref_qconv(x, w, wsc, b, cs["group"], cs["strides"], cs["pads"], cs["dil"], act, clip, xs, 120)
+        assert_bits(got, ref)
+
+
+def test_threads_do_not_change_results():
+    if not NATIVE:
+        pytest.skip("native module not built")
+    rng = np.random.default_rng(11)
+    for (M, Kd, N) in [(1, 300, 200), (16, 64, 700), (100, 129, 70)]:
+        c = make_gemm_case(rng, M, Kd, N, CONFIGS[2])
+        pw = K.pack_weights(c["w"], c["w_zp"])
+        assert_bits(run_qgemm(c, pw, threads=2), run_qgemm(c, pw, threads=1))
+        x = rng.standard_normal((M, Kd)).astype(F32)
+        assert_bits(K.qgemm_f32(x, pw, c["w_scale"], threads=2), K.qgemm_f32(x, pw, c["w_scale"], threads=1))
+    x, w, ws, bias = make_conv_case(rng, CONV_CASES[0])
+    for g in (1, 2):
+        pc = K.pack_conv_weights(w[:, :4 // g], g, (1, 1), (1, 1, 1, 1))
+        assert_bits(K.qconv2d(x, pc, ws, bias, threads=2), K.qconv2d(x, pc, ws, bias, threads=1))
+
+
+# ---------------------------------------------------------------------------------- native vs numba
+needs_native = pytest.mark.skipif(not NATIVE, reason="native module not built")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 5, 1), (7, 13, 29), (13, 67, 130), (5, 1031, 20)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_native_numba_agree_gemm(shape):
+    rng = np.random.default_rng(5)
+    for cfg in CONFIGS:
+        c = make_gemm_case(rng, *shape, cfg)
+        pw = K.pack_weights(c["w"], c["w_zp"])
+        assert_bits(run_qgemm(c, pw, backend="native"), run_qgemm(c, pw, backend="numba"))
+        x = (rng.standard_normal(c["a"].shape) * 4).astype(F32)
+        for xs, xz in ((None, None), (0.03, 77)):
+            args = (x, pw, c["w_scale"], c["bias"], c["act"], c["clip"], xs, xz)
+            assert_bits(K.qgemm_f32(*args, backend="native"), K.qgemm_f32(*args, backend="numba"))
+
+
+@needs_native
+def test_native_numba_agree_quantize():
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((5, 53)) * 10).astype(F32)
+    x[0] = 0
+    for a, b in zip(K.quantize_rows_dynamic(x, backend="native"), K.quantize_rows_dynamic(x, backend="numba")):
+        assert_bits(a, b)
+    assert_bits(K.quantize_static(x, 0.1, 9, backend="native"), K.quantize_static(x, 0.1, 9, backend="numba"))
+
+
+@needs_native
+@pytest.mark.parametrize("ci", range(len(CONV_CASES)))
+def test_native_numba_agree_conv(ci):
+    cs = CONV_CASES[ci]
+    rng = np.random.default_rng(200 + ci)
+    x, w, ws, bias = make_conv_case(rng, cs)
+    pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"])
+    for act, clip, b, xs in (("relu", None, bias, None), ("clip", (-0.5, 0.8), None, 0.04)):
+        args = (x, pc, ws, b, act, clip, xs, None if xs is None else 99)
+        assert_bits(K.qconv2d(*args, backend="native"), K.qconv2d(*args, backend="numba"))
+
+
+def test_numba_matches_reference():
+    rng = np.random.default_rng(21)
+    c = make_gemm_case(rng, 9, 70, 33, CONFIGS[4])
+    pw = K.pack_weights(c["w"], c["w_zp"], backend="numba")
+    assert_bits(run_qgemm(c, pw, backend="numba"), ref_of(c))
+    cs = CONV_CASES[3]
+    x, w, ws, bias = make_conv_case(rng, cs)
+    pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"], backend="numba")
+    assert_bits(K.qconv2d(x, pc, ws, bias, "relu", backend="numba"),
+                ref_qconv(x, w, ws, bias, cs["group"], cs["strides"], cs["pads"], cs["dil"], "relu"))
+
+
+# ---------------------------------------------------------------------------------- errors / env
+@needs_native
+def test_bad_arguments_raise():
+    w = np.ones((4, 3), np.int8)
+    with pytest.raises(ValueError):
+        K.pack_weights(w, isa="sse9")
+    with pytest.raises(ValueError):
+        K.pack_weights(w.astype(np.float32))
+    pw = K.pack_weights(w)
+    with pytest.raises(ValueError):
+        K.qgemm_u8(np.ones((2, 5), np.uint8), 0, 1.0, pw, 1.0)
+    with pytest.raises(ValueError):
+        K.qgemm_f32(np.ones((2, 4), np.float32), pw, np.ones(2, np.float32))
+    with pytest.raises(ValueError):
+        K.qgemm_f32(np.ones((2, 4), np.float32), pw, 1.0, activation="gelu")
+    with pytest.raises(ValueError):
+        K.qgemm_f32(np.ones((2, 4), np.float32), pw, 1.0, activation="clip")
+    with pytest.raises(ValueError):
+        K.set_backend("cuda")
+    pc = K.pack_conv_weights(np.ones((2, 1, 3, 3), np.int8))
+    with pytest.raises(ValueError):
+        K.qconv2d(np.ones((1, 1, 2, 2), np.float32), pc, 1.0)  # smaller than the kernel
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_forces_isa(isa):
+    code = "import onnxopt.kernels as K; i = K.info(); print(i['isa'], i['detected_isa'])"
+    env = dict(os.environ, ONNXOPT_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    active, detected = out.split()
+    expect = isa if ISAS.index(isa) <= ISAS.index(detected) else detected  # capped at the CPU
+    assert active == expect
+
+
+def test_env_forces_numba_backend():
+    code = "import onnxopt.kernels as K; print(K.info()['backend'])"
+    env = dict(os.environ, ONNXOPT_KERNELS="numba")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "numba"

@@ -28,7 +28,7 @@ def _have_fallback():
         import onnxruntime_extensions  # noqa: F401
 
         from onnxopt import kernels
-        return all(hasattr(kernels, f) for f in ("pack_weights", "qgemm_f32", "pack_conv_weights", "qconv2d_f32"))
+        return all(hasattr(kernels, f) for f in ("pack_weights", "qgemm_f32", "pack_conv_weights", "qconv2d"))
     except Exception:
         return False
 
@@ -202,8 +202,20 @@ def test_four_threads_share_one_session(name):
 
 # ---- fallback: onnxruntime-extensions + onnxopt.kernels ---------------------------------------------
 
+@pytest.fixture(params=["default", "numba"])
+def kernel_backend(request):
+    """The fallback runs on whatever onnxopt.kernels uses (native pybind11 when built) and on numba."""
+    from onnxopt import kernels
+
+    before = kernels.get_backend()
+    if request.param == "numba":
+        kernels.set_backend("numba")
+    yield request.param
+    kernels.set_backend(before)
+
+
 @needs_fallback
-def test_fallback_matches_native_and_reference(monkeypatch):
+def test_fallback_matches_native_and_reference(monkeypatch, kernel_backend):
     models = _models()
     native = {}
     if LIB is not None:
@@ -263,7 +275,7 @@ def test_fallback_warns_once_in_a_fresh_process(tmp_path):
         "n = sum('onnxruntime-extensions' in str(i.message) for i in w)\n"
         "print('backend', s.onnxopt_backend, 'warnings', n)\n"
         "np.save(r'%s', y)\n" % (tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "y.npy"))
-    env = dict(os.environ, **{runtime.DISABLE_ENV: "1"})
+    env = dict(os.environ, **{runtime.DISABLE_ENV: "1", "ONNXOPT_KERNELS": "numba"})
     env["PYTHONPATH"] = os.pathsep.join([str(Path(runtime.__file__).parents[1])] + sys.path)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

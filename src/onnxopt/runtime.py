@@ -209,7 +209,7 @@ class _Fallback:
                 "fallback (pip install onnxruntime-extensions)") from None
         try:
             from onnxopt import kernels
-            for fn in ("pack_weights", "qgemm_f32", "pack_conv_weights", "qconv2d_f32"):
+            for fn in ("pack_weights", "qgemm_f32", "pack_conv_weights", "qconv2d"):
                 getattr(kernels, fn)
         except (ImportError, AttributeError) as e:
             raise CustomOpsUnavailableError(
@@ -348,8 +348,9 @@ def _present(spec, i, arr):
 def _epilogue_args(spec):
     act = spec.get("activation", "none")
     act = {0: "none", 1: "relu", 2: "clip"}.get(act, act)
-    return dict(activation=act, clip_lo=float(spec.get("clip_min", -np.inf)),
-                clip_hi=float(spec.get("clip_max", np.inf)))
+    if act != "clip":
+        return dict(activation=act)
+    return dict(activation=act, clip=(float(spec.get("clip_min", -np.inf)), float(spec.get("clip_max", np.inf))))
 
 
 def _static_args(spec, x_scale, x_zp):
@@ -385,8 +386,8 @@ def _run_qconv(fb, spec, x, w, w_scale, bias, x_scale, x_zp):
     pads = _conv_pads(x.shape[2], x.shape[3], kh, kw, strides, dil,
                       [int(v) for v in spec.get("pads", [0, 0, 0, 0])], spec.get("auto_pad", "NOTSET"))
     packed = fb._cached((spec["key"], tuple(pads)), lambda: k.pack_conv_weights(
-        np.ascontiguousarray(w), C=cg * group, group=group, strides=strides, pads=pads, dilations=dil))
-    y = k.qconv2d_f32(np.ascontiguousarray(x, dtype=np.float32), packed,
+        np.ascontiguousarray(w), group=group, strides=strides, pads=pads, dilations=dil))
+    y = k.qconv2d(np.ascontiguousarray(x, dtype=np.float32), packed,
                       np.ascontiguousarray(w_scale.reshape(-1), dtype=np.float32), bias=_present(spec, 3, bias),
                       **_epilogue_args(spec), **_static_args(spec, x_scale, x_zp))
     return np.asarray(y, np.float32)

@@ -5,7 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -329,6 +331,27 @@ py::array qconv2d_f32(const CArr<float>& x, const PackedC& pc, const CArr<float>
   return std::move(out);
 }
 
+// Core clock estimate: a chain of dependent 64-bit multiplies (3-cycle latency on every x86 core
+// of the last decade; adds are not used because recent cores fold dependent add-immediates).
+double estimate_ghz() {
+  py::gil_scoped_release nogil;
+  double best = 0.0;
+  for (int rep = 0; rep < 5; ++rep) {
+    std::uint64_t x = 1, y = 3;
+    const std::uint64_t iters = 10'000'000;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (std::uint64_t i = 0; i < iters; ++i) {
+      __asm__ volatile(
+          "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
+          "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
+          : "+r"(x) : "r"(y));
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 3.0 * 8.0 * iters / s / 1e9);
+  }
+  return best;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -350,6 +373,7 @@ PYBIND11_MODULE(_kernels, m) {
       .def_property_readonly("group", [](const PackedC& p) { return p.w->params().group; });
 
   m.def("info", &info);
+  m.def("estimate_ghz", &estimate_ghz, "Core clock estimate in GHz (dependent add chain; for benchmarks).");
   m.def("set_num_threads", [](int n) { g_default_threads = n <= 0 ? static_cast<int>(std::thread::hardware_concurrency()) : n; },
         py::arg("n"));
   m.def("pack_weights", &pack_weights, py::arg("w"), py::arg("w_zp") = py::none(), py::arg("isa") = py::none());

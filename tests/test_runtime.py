@@ -114,6 +114,20 @@ def _conv_args(model):
 
 
 @needs_lib
+def test_thread_count_reaches_the_library():
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 3
+    runtime.register_custom_ops(so)
+    assert so.get_session_config_entry("onnxopt.intra_op_num_threads") == "3"
+    model, x = _models()["qgemm_dynamic"]
+    y3 = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    so1 = ort.SessionOptions()
+    so1.intra_op_num_threads = 1
+    assert np.array_equal(runtime.InferenceSession(model, so1).run(None, {"X": x})[0], y3)
+    assert so1.get_session_config_entry("onnxopt.intra_op_num_threads") == "1"
+
+
+@needs_lib
 def test_spinning_is_off_unless_the_user_says_otherwise():
     model, _ = _models()["qgemm_dynamic"]
     so = ort.SessionOptions()

@@ -4,7 +4,7 @@
 // A Kernel provides
 //   static constexpr const char* kName;
 //   static const IoSpec kInputs[];  static constexpr std::size_t kNumInputs;   (one float output)
-//   explicit Kernel(const OrtKernelInfo*);      // validates and packs; throws OpError
+//   Kernel(const OrtKernelInfo*, int degree);   // validates and packs; throws OpError
 //   void compute(OrtKernelContext*) const;      // const: concurrent Run() calls share the kernel
 #pragma once
 
@@ -14,8 +14,15 @@
 
 namespace onnxopt::ortops {
 
+// One registration's copy of an op: ORT hands the OrtCustomOp* back to CreateKernelV2, so the
+// session's intra-op thread count (read from its options at registration) travels with it.
+struct OpInstance {
+  OrtCustomOp op;  // first member: OrtCustomOp* <-> OpInstance*
+  int degree;
+};
+
 template <class Kernel>
-const OrtCustomOp* custom_op() {
+const OrtCustomOp& custom_op_template() {
   static const OrtCustomOp op = [] {
     OrtCustomOp o{};
     o.version = kOrtApiVersion;
@@ -36,9 +43,10 @@ const OrtCustomOp* custom_op() {
     o.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
     o.CreateKernel = nullptr;  // V2 below reports errors as OrtStatus
     o.KernelCompute = nullptr;
-    o.CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+    o.CreateKernelV2 = [](const OrtCustomOp* self, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
       *kernel = nullptr;
-      return guarded([&] { *kernel = new Kernel(info); });
+      const int degree = reinterpret_cast<const OpInstance*>(self)->degree;
+      return guarded([&] { *kernel = new Kernel(info, degree); });
     };
     o.KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) {
       return guarded([&] { static_cast<const Kernel*>(kernel)->compute(ctx); });
@@ -49,7 +57,14 @@ const OrtCustomOp* custom_op() {
     o.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
     return o;
   }();
-  return &op;
+  return op;
+}
+
+// A new, never freed, instance (ORT keeps the pointer for as long as sessions use the domain).
+template <class Kernel>
+const OrtCustomOp* make_custom_op(int degree) {
+  auto* inst = new OpInstance{custom_op_template<Kernel>(), degree};
+  return &inst->op;
 }
 
 }  // namespace onnxopt::ortops

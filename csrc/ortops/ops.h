@@ -26,11 +26,12 @@ class QGemmKernel {
   static const IoSpec kInputs[];
   static constexpr std::size_t kNumInputs = 7;
 
-  explicit QGemmKernel(const OrtKernelInfo* info);
+  QGemmKernel(const OrtKernelInfo* info, int degree);
   void compute(OrtKernelContext* ctx) const;
 
  private:
   std::string where_;
+  int degree_ = 1;
   int K_ = 0, N_ = 0;
   std::shared_ptr<const PackedWeights> packed_;
   OutputStage act_;  // activation and clip bounds only; scales and bias come per call
@@ -44,7 +45,7 @@ class QConvKernel {
   static constexpr std::size_t kNumInputs = 6;
   enum class AutoPad { NotSet, SameUpper, SameLower, Valid };
 
-  explicit QConvKernel(const OrtKernelInfo* info);
+  QConvKernel(const OrtKernelInfo* info, int degree);
   void compute(OrtKernelContext* ctx) const;
 
  private:
@@ -53,6 +54,7 @@ class QConvKernel {
   std::shared_ptr<const PackedConv> packed_for(const Pads& pads) const;
 
   std::string where_;
+  int degree_ = 1;
   ConvParams base_;  // everything but the pads
   AutoPad auto_pad_ = AutoPad::NotSet;
   Pads explicit_pads_{0, 0, 0, 0};

@@ -157,9 +157,7 @@ void run_on_ort_pool(void* c, void (*fn)(void*, std::size_t), std::size_t total,
   }
 }
 
-// ORT does not tell a kernel how many intra-op threads the session has; partition for the
-// machine (ONNXOPT_PARALLEL_DEGREE overrides). With one intra-op thread ORT runs the tasks inline.
-int partition_degree() {
+int default_degree() {
   static const int degree = [] {
     if (const char* e = std::getenv("ONNXOPT_PARALLEL_DEGREE")) {
       int v = std::atoi(e);
@@ -172,12 +170,25 @@ int partition_degree() {
 }
 }  // namespace
 
-Parallel parallel_for(const OrtKernelContext* ctx) {
+Parallel parallel_for(const OrtKernelContext* ctx, int degree) {
   Parallel p;
   p.run = &run_on_ort_pool;
   p.ctx = const_cast<OrtKernelContext*>(ctx);
-  p.degree = partition_degree();
+  p.degree = degree;  // 1: the kernels run serially without touching the pool
   return p;
+}
+
+int degree_for(const OrtSessionOptions* options) {
+  int has = 0;
+  if (options != nullptr && ok(api().HasSessionConfigEntry(options, kThreadsConfigKey, &has)) && has) {
+    char buf[32] = {0};
+    std::size_t size = sizeof(buf);
+    if (ok(api().GetSessionConfigEntry(options, kThreadsConfigKey, buf, &size))) {
+      int v = std::atoi(buf);
+      if (v > 0) return std::min(v, 1024);
+    }
+  }
+  return default_degree();
 }
 
 void read_activation(const NodeInfo& info, OutputStage* stage) {

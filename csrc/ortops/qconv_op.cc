@@ -30,7 +30,7 @@ int to_int(const NodeInfo& info, std::int64_t v, const char* what, std::int64_t 
 }
 }  // namespace
 
-QConvKernel::QConvKernel(const OrtKernelInfo* kinfo) {
+QConvKernel::QConvKernel(const OrtKernelInfo* kinfo, int degree) : degree_(degree) {
   NodeInfo info(kinfo, kName);
   where_ = info.where();
   const OrtValue* w = info.constant_input(W);
@@ -156,7 +156,7 @@ void QConvKernel::compute(OrtKernelContext* ctx) const {
   float* y = output_f32(ctx, 0, {x.shape[0], base_.M, OH, OW});
   if (N == 0) return;
   std::shared_ptr<const PackedConv> packed = packed_for(pads);
-  qconv2d_f32(x.as<float>(), N, H, Wd, q.scale, q.zero_point, *packed, stage, y, parallel_for(ctx));
+  qconv2d_f32(x.as<float>(), N, H, Wd, q.scale, q.zero_point, *packed, stage, y, parallel_for(ctx, degree_));
 }
 
 }  // namespace onnxopt::ortops

@@ -32,8 +32,9 @@ ONNXOPT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
       std::lock_guard<std::mutex> lock(mu);
       domains->push_back(domain);
     }
-    check(api().CustomOpDomain_Add(domain, custom_op<QGemmKernel>()));
-    check(api().CustomOpDomain_Add(domain, custom_op<QConvKernel>()));
+    const int degree = degree_for(options);
+    check(api().CustomOpDomain_Add(domain, make_custom_op<QGemmKernel>(degree)));
+    check(api().CustomOpDomain_Add(domain, make_custom_op<QConvKernel>(degree)));
     check(api().AddCustomOpDomain(options, domain));
   });
 }

@@ -33,6 +33,7 @@ LIBRARY_ENV = "ONNXOPT_OPS_LIBRARY"  # explicit path of libonnxopt_ops (e.g. a b
 _LIB_NAME = {"win32": "onnxopt_ops.dll", "darwin": "libonnxopt_ops.dylib"}.get(sys.platform, "libonnxopt_ops.so")
 _REGISTERED_KEY = "onnxopt.custom_ops"  # session config entry marking options we already set up
 _SPINNING_KEY = "session.intra_op.allow_spinning"
+_THREADS_KEY = "onnxopt.intra_op_num_threads"  # read by libonnxopt_ops at registration
 _PROTO_LIMIT = 1_800_000_000  # protobuf refuses messages over 2 GiB; stay clear of it
 
 _FALLBACK_DOMAIN = "com.onnxopt.fallback"
@@ -73,12 +74,15 @@ def register_custom_ops(sess_options: ort.SessionOptions | None = None) -> ort.S
 
     Registers the native library; without it, onnxruntime-extensions' library and the Python ops
     (which then only run models prepared by :class:`InferenceSession`). Registering twice is a no-op.
+    Set ``intra_op_num_threads`` before calling: the native ops size their work split from it.
     """
     so = ort.SessionOptions() if sess_options is None else sess_options
     if _config(so, _REGISTERED_KEY):
         return so
     lib = custom_ops_library()
     if lib is not None:
+        if _config(so, _THREADS_KEY) is None and so.intra_op_num_threads > 0:
+            so.add_session_config_entry(_THREADS_KEY, str(so.intra_op_num_threads))
         so.register_custom_ops_library(lib)
         so.add_session_config_entry(_REGISTERED_KEY, "native")
     else:

@@ -12,8 +12,9 @@
     rule = RewriteRule("fuse_matmul_add_to_gemm", pattern, replacement, condition)
 
 The pattern's parameters are variables bound to tensors. `op.Conv(x, w, _as="conv")` also binds the
-matched node, so condition and replacement can read its attributes (`conv.attrs`). Attributes given
-in a pattern must be equal to match (`op.Transpose(x, perm=[1, 0])`). Add, Mul, Max, Min, Sum and
+matched node, so condition and replacement can read its attributes (`conv.attrs`). A pattern node
+used twice (`d = op.Sub(x, m); op.Div(d, op.Sqrt(op.Mul(d, d)))`) matches one graph node. Attributes
+given in a pattern must be equal to match (`op.Transpose(x, perm=[1, 0])`). Add, Mul, Max, Min, Sum and
 the logical ops match in either input order. Values computed inside the match must not be used
 outside it. The replacement builds new nodes with `op`; the tensor it returns takes over the name,
 dtype and shape of the matched root's output, so consumers and graph outputs are untouched. The
@@ -149,6 +150,11 @@ class RewriteRule(Pass):
         if len(tensor.inputs) != 1:
             return
         node = tensor.inputs[0]
+        seen = b.get("__pnodes__", {}).get(id(p))
+        if seen is not None:  # a pattern node used twice (a DAG): it must be the same graph node
+            if node is seen:
+                yield b
+            return
         if id(node) not in local or node.op != p.op_type or (node.domain or "") != p.domain:
             return
         if any(node is m for m in b["__nodes__"]) or (p.n_outputs == 1 and tensor is not node.outputs[0]):
@@ -164,7 +170,7 @@ class RewriteRule(Pass):
         orders = [real_inputs]
         if p.op_type in COMMUTATIVE and len(real_inputs) == 2:
             orders.append(real_inputs[::-1])
-        start = {**b, "__nodes__": b["__nodes__"] + (node,)}
+        start = {**b, "__nodes__": b["__nodes__"] + (node,), "__pnodes__": {**b.get("__pnodes__", {}), id(p): node}}
         if p.bind:
             start[p.bind] = node
         for ins in orders:
@@ -204,7 +210,7 @@ class RewriteRule(Pass):
                     nodes = b["__nodes__"]
                     if not self._exclusive(nodes, node, graph):
                         continue
-                    args = {k: v for k, v in b.items() if k != "__nodes__"}
+                    args = {k: v for k, v in b.items() if k not in ("__nodes__", "__pnodes__")}
                     if self.condition is not None:
                         ok = _call(self.condition, ctx, args)
                         if isinstance(ok, Refusal) or not ok:

@@ -12,7 +12,7 @@ import onnxopt.kernels as K
 
 F32 = np.float32
 NATIVE = K.info()["native_available"]
-ISAS = ["scalar", "avx2", "avx512vnni"]
+ISAS = ["scalar", "avx2", "avx512vnni", "amx"]
 
 
 def _isa_params():

@@ -1,5 +1,7 @@
 // CPU feature detection, ISA selection and the serial fallback of Parallel.
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +20,17 @@ std::uint64_t xgetbv0() {
   return (static_cast<std::uint64_t>(edx) << 32) | eax;
 }
 
+// Linux hands out the AMX tile-data state only on request (process wide, inherited by threads).
+bool request_amx() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  return (xgetbv0() & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA enabled
+#else
+  return false;
+#endif
+}
+
 Isa detect() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::Scalar;
@@ -30,7 +43,10 @@ Isa detect() {
   __cpuid_count(7, 0, a, b, c, d);
   const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1,
              avx512vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
-  if (zmm_state && avx512f && avx512bw && avx512vl && vnni && avx2 && fma) return Isa::Avx512Vnni;
+  const bool vnni512 = zmm_state && avx512f && avx512bw && avx512vl && vnni && avx2 && fma;
+  const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+  if (vnni512 && amx_tile && amx_int8 && request_amx()) return Isa::Amx;
+  if (vnni512) return Isa::Avx512Vnni;
   if (avx2 && fma) return Isa::Avx2;
   return Isa::Scalar;
 }
@@ -47,6 +63,8 @@ Isa from_env(Isa detected) {
     want = Isa::Avx2;
   else if (!std::strcmp(e, "avx512vnni"))
     want = Isa::Avx512Vnni;
+  else if (!std::strcmp(e, "amx"))
+    want = Isa::Amx;
   else
     return detected;
   return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
@@ -69,6 +87,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512Vnni: return "avx512vnni";
+    case Isa::Amx: return "amx";
   }
   return "unknown";
 }
@@ -90,6 +109,7 @@ const IsaOps& ops_for(Isa isa) {
     throw std::invalid_argument(std::string("onnxopt: ISA ") + isa_name(isa) + " is not supported by this CPU (best: " +
                                 isa_name(detected_isa()) + ")");
   switch (isa) {
+    case Isa::Amx: return ops_amx();
     case Isa::Avx512Vnni: return ops_avx512vnni();
     case Isa::Avx2: return ops_avx2();
     default: return ops_scalar();

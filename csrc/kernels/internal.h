@@ -48,7 +48,7 @@ struct Tile {
 // A per-ISA kernel set. Packed B layout for an ISA: panels of NB*NR columns; inside a panel,
 // for each k-group of KR rows, NB blocks of [NR columns][KR k] elements (elem bytes each).
 // The last panel may hold fewer blocks. A is always u8, rows padded with zeros to Kp (a multiple
-// of 4).
+// of the ISA's kpad), and the A block is zero padded to a multiple of MR rows.
 struct IsaOps {
   Isa isa;
   int MR, NR, NB, KR, elem;
@@ -59,11 +59,15 @@ struct IsaOps {
   void (*depthwise)(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh,
                     int sw, int dh, int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp,
                     float a_scale, int oc, const Epilogue& ep, float* out, std::int32_t* scratch);
+  int kpad = 4;                        // packed K is padded to a multiple of this
+  void (*task_begin)() = nullptr;      // per-thread setup around a GEMM task (AMX tile config)
+  void (*task_end)() = nullptr;
 };
 
 const IsaOps& ops_scalar();
 const IsaOps& ops_avx2();
 const IsaOps& ops_avx512vnni();
+const IsaOps& ops_amx();
 const IsaOps& ops_for(Isa isa);  // throws std::invalid_argument if the CPU cannot run it
 bool isa_supported(Isa isa);
 

@@ -23,9 +23,11 @@
 
 namespace onnxopt {
 
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+// Ordered by capability; Amx (AMX-INT8 tiles, Sapphire Rapids and later) was added after the first
+// three and is only chosen when the OS grants the tile state (arch_prctl XCOMP_PERM).
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, Amx = 3 };
 
-// Best ISA this CPU and OS support (CPUID + XGETBV), capped by ONNXOPT_ISA=scalar|avx2|avx512vnni.
+// Best ISA this CPU and OS support (CPUID + XGETBV), capped by ONNXOPT_ISA=scalar|avx2|avx512vnni|amx.
 Isa active_isa();
 Isa detected_isa();  // ignoring the environment
 const char* isa_name(Isa isa);

@@ -18,7 +18,7 @@ std::shared_ptr<PackedB> pack_b(const std::int8_t* B, int K, int N, std::ptrdiff
   const int panel_cols = o.NR * o.NB;
   p->K_ = K;
   p->N_ = N;
-  p->Kp = round_up(K, 4);
+  p->Kp = round_up(K, o.kpad);
   p->Np = round_up(N, panel_cols);
   const int groups = p->Kp / o.KR;
   p->panel_bytes = static_cast<std::size_t>(groups) * panel_cols * o.KR * o.elem;
@@ -101,13 +101,14 @@ void gemm_task(void* data, std::size_t i) {
   if (row0 >= row1 || p0 >= p1) return;
   const int mc = std::min(job.mc, row1 - row0);
   const int lda = std::max(B.Kp, 4);
-  auto abuf = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(mc) * lda);
+  auto abuf = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(round_up(mc, o.MR)) * lda);
   std::vector<std::int32_t> zp(mc), rsum(B.wzp.empty() ? 0 : mc);
   std::vector<float> scale(mc);
   const int panel_cols = o.NR * o.NB;
+  if (o.task_begin) o.task_begin();
   for (int m0 = row0; m0 < row1; m0 += mc) {
     const int mb = std::min(mc, row1 - m0);
-    std::memset(abuf.get(), 0, static_cast<std::size_t>(mb) * lda);
+    std::memset(abuf.get(), 0, static_cast<std::size_t>(round_up(mb, o.MR)) * lda);
     job.src.fill(job.src.ctx, m0, mb, abuf.get(), lda, zp.data(), scale.data());
     if (!rsum.empty()) {
       for (int r = 0; r < mb; ++r) {
@@ -138,6 +139,7 @@ void gemm_task(void* data, std::size_t i) {
       }
     }
   }
+  if (o.task_end) o.task_end();
 }
 
 }  // namespace

@@ -132,7 +132,8 @@ Isa parse_isa(const std::optional<std::string>& s) {
   if (*s == "scalar") return Isa::Scalar;
   if (*s == "avx2") return Isa::Avx2;
   if (*s == "avx512vnni") return Isa::Avx512Vnni;
-  throw std::invalid_argument("onnxopt: unknown isa '" + *s + "' (scalar, avx2, avx512vnni)");
+  if (*s == "amx") return Isa::Amx;
+  throw std::invalid_argument("onnxopt: unknown isa '" + *s + "' (scalar, avx2, avx512vnni, amx)");
 }
 
 Activation parse_act(const std::string& s) {

@@ -1,0 +1,50 @@
+// AVX-512 output stage on 16 columns held in a zmm, shared by the AVX512-VNNI and AMX TUs
+// (included inside each TU's own namespace, after isa_generic.h).
+
+static inline __mmask16 col_mask(int valid) {
+  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
+}
+
+// Output stage on 16 columns of one row, fully in registers.
+static inline void finish_vec(__m512i acc, int r, int j, const Tile& t, const Epilogue& ep,
+                              __m512i csum, __m512i wzp, __m512 ws, __m512 bias, __mmask16 mask) {
+  const __m512i rzp = _mm512_set1_epi32(t.rzp[r]);
+  __m512i v = _mm512_sub_epi32(acc, _mm512_mullo_epi32(rzp, csum));
+  if (ep.wzp) {
+    const __m512i rsum = _mm512_set1_epi32(t.rsum[r]);
+    v = _mm512_sub_epi32(v, _mm512_mullo_epi32(wzp, rsum));
+    const __m512i kz = _mm512_set1_epi32(static_cast<std::int32_t>(static_cast<std::uint32_t>(ep.K) *
+                                                                   static_cast<std::uint32_t>(t.rzp[r])));
+    v = _mm512_add_epi32(v, _mm512_mullo_epi32(kz, wzp));
+  }
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(t.rscale[r]), ws);
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
+  if (ep.bias) y = _mm512_add_ps(y, bias);
+  if (ep.act == Activation::Relu) {
+    y = _mm512_max_ps(y, _mm512_setzero_ps());
+  } else if (ep.act == Activation::Clip) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(ep.lo));
+    y = _mm512_min_ps(y, _mm512_set1_ps(ep.hi));
+  }
+  const int m = t.m + r, n = t.n + j * 16;
+  if (ep.ldn == 1) {
+    const std::ptrdiff_t off = static_cast<std::ptrdiff_t>(m) * ep.ldm + n;
+    if (ep.requant) {
+      __m512 q = _mm512_roundscale_ps(_mm512_div_ps(y, _mm512_set1_ps(ep.out_scale)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm512_add_ps(q, _mm512_set1_ps(ep.out_zp));
+      q = _mm512_max_ps(q, _mm512_setzero_ps());
+      q = _mm512_min_ps(q, _mm512_set1_ps(255.f));
+      _mm_mask_storeu_epi8(ep.cu + off, mask, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q)));
+    } else {
+      _mm512_mask_storeu_ps(ep.cf + off, mask, y);
+    }
+  } else {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, y);
+    const int valid = t.ncols - j * 16 < 16 ? t.ncols - j * 16 : 16;
+    for (int i = 0; i < valid; ++i)
+      store_element(tmp[i], static_cast<std::ptrdiff_t>(m) * ep.ldm + static_cast<std::ptrdiff_t>(n + i) * ep.ldn, ep);
+  }
+}
+

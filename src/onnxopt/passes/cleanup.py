@@ -10,6 +10,7 @@ Each pass builds its lookup tables once per run and walks the nodes once (linear
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -529,6 +530,30 @@ def _sample(data: bytes) -> bytes:
     return memoryview(data)[::step].tobytes() + data[-64:]
 
 
+# values object (LazyValues or ndarray) -> fingerprint of its bytes: reading a lazily loaded
+# initializer's bytes copies it, so each is read once per optimize() rather than once per run
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(c: gs.Constant) -> Optional[bytes]:
+    v = c._values
+    try:
+        hit = _FINGERPRINTS.get(v)
+    except TypeError:
+        hit = None
+    if hit is not None:
+        return hit
+    data = _constant_bytes(c)
+    if data is None:
+        return None
+    fp = hashlib.blake2b(_sample(data), digest_size=16).digest() + len(data).to_bytes(8, "little")
+    try:
+        _FINGERPRINTS[v] = fp
+    except TypeError:
+        pass
+    return fp
+
+
 @register_pass
 class MergeDuplicateInitializers(GraphPass):
     """Make initializers with equal dtype, shape and bytes one tensor (the first one's name wins)."""
@@ -552,16 +577,16 @@ class MergeDuplicateInitializers(GraphPass):
         for members in buckets.values():
             if len(members) < 2:
                 continue
-            groups: Dict[bytes, List[tuple]] = {}
+            groups: Dict[bytes, List[gs.Constant]] = {}
             for c in members:
-                data = _constant_bytes(c)
-                if data is None:
+                key = _fingerprint(c)
+                if key is None:
                     continue
-                key = hashlib.blake2b(_sample(data), digest_size=16).digest()
                 reps = groups.setdefault(key, [])
-                keep = next((k for k, kd in reps if kd == data), None)
+                # equal fingerprints: confirm byte for byte (only for true duplicates, in practice)
+                keep = next((k for k in reps if _constant_bytes(k) == _constant_bytes(c)), None) if reps else None
                 if keep is None:
-                    reps.append((c, data))
+                    reps.append(c)
                     continue
                 for consumer in list(c.outputs):
                     for j, t in enumerate(consumer.inputs):

@@ -409,3 +409,23 @@ def test_default_pipeline_on_if_and_loop():
     for c in (True, False):
         assert_equivalent(m, out, feeds={"c": np.array(c), "x": np.array([1.0, -2.0], np.float32),
                                          "n": np.array(2, np.int64)})
+
+
+def test_dead_if_takes_its_outer_inputs_along():
+    """Run the pass alone (no manager cleanup): a dead If's subgraph reads must not keep producers alive."""
+    from onnxopt import ir
+    from onnxopt.passes.base import PassContext
+
+    then = [helper.make_node("Add", ["x", "outer"], ["t"])]
+    other = [helper.make_node("Neg", ["x"], ["e"])]
+    then_g = helper.make_graph(then, "then", [], [vi("t", [2])])
+    else_g = helper.make_graph(other, "else", [], [vi("e", [2])])
+    nodes = [helper.make_node("Sin", ["x"], ["outer"]),
+             helper.make_node("If", ["c"], ["unused"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Relu", ["x"], ["y"])]
+    m = make_model(nodes, [vi("c", [], TensorProto.BOOL), vi("x", [2])], [vi("y", [2])])
+    graph = ir.import_graph(m)
+    ctx = PassContext(m)
+    ctx.root = graph
+    assert onnxopt.get_pass("eliminate_dead_code").run(graph, ctx)
+    assert [n.op for n in graph.nodes] == ["Relu"]

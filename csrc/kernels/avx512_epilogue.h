@@ -5,9 +5,16 @@ static inline __mmask16 col_mask(int valid) {
   return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1u);
 }
 
-// Output stage on 16 columns of one row, fully in registers.
+// Row stride of the float tile used for transposed (conv, NCHW) output.
+constexpr int kYLd = 64;
+
+static inline bool fast_transposed(const Epilogue& ep) { return ep.ldn != 1 && ep.ldm == 1 && !ep.requant; }
+
+// Output stage on 16 columns of one row, fully in registers. For transposed output the result
+// goes to ybuf[r][j*16..] and transposed_store() writes it out column by column.
 static inline void finish_vec(__m512i acc, int r, int j, const Tile& t, const Epilogue& ep,
-                              __m512i csum, __m512i wzp, __m512 ws, __m512 bias, __mmask16 mask) {
+                              __m512i csum, __m512i wzp, __m512 ws, __m512 bias, __mmask16 mask,
+                              float* ybuf) {
   const __m512i rzp = _mm512_set1_epi32(t.rzp[r]);
   __m512i v = _mm512_sub_epi32(acc, _mm512_mullo_epi32(rzp, csum));
   if (ep.wzp) {
@@ -39,6 +46,8 @@ static inline void finish_vec(__m512i acc, int r, int j, const Tile& t, const Ep
     } else {
       _mm512_mask_storeu_ps(ep.cf + off, mask, y);
     }
+  } else if (fast_transposed(ep)) {
+    _mm512_store_ps(ybuf + r * kYLd + j * 16, y);
   } else {
     alignas(64) float tmp[16];
     _mm512_store_ps(tmp, y);
@@ -48,3 +57,17 @@ static inline void finish_vec(__m512i acc, int r, int j, const Tile& t, const Ep
   }
 }
 
+
+// Column c of the tile is contiguous in the output (rows are pixels of one channel plane).
+static inline void transposed_store(const float* ybuf, const Tile& t, const Epilogue& ep) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(kYLd));
+  for (int c = 0; c < t.ncols; ++c) {
+    float* dst = ep.cf + static_cast<std::ptrdiff_t>(t.n + c) * ep.ldn + t.m;
+    for (int r0 = 0; r0 < t.mr; r0 += 16) {
+      const __mmask16 m = col_mask(t.mr - r0);
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, ybuf + r0 * kYLd + c, 4);
+      _mm512_mask_storeu_ps(dst + r0, m, v);
+    }
+  }
+}

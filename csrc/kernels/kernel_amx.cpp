@@ -76,6 +76,7 @@ static void kernel(const Tile& t, const Epilogue& ep) {
   if (NB == 2) _tile_stored(1, &acc[0][16], 128);
   if (MT == 2) _tile_stored(2, &acc[16][0], 128);
   if (MT == 2 && NB == 2) _tile_stored(3, &acc[16][16], 128);
+  alignas(64) float ybuf[32 * kYLd];
   for (int j = 0; j < NB; ++j) {
     const int n = t.n + j * 16;
     const __mmask16 mask = col_mask(t.ncols - j * 16);
@@ -84,8 +85,9 @@ static void kernel(const Tile& t, const Epilogue& ep) {
     const __m512 ws = _mm512_maskz_loadu_ps(mask, ep.wscale + n);
     const __m512 bias = ep.bias ? _mm512_maskz_loadu_ps(mask, ep.bias + n) : _mm512_setzero_ps();
     for (int r = 0; r < t.mr; ++r)
-      finish_vec(_mm512_load_si512(&acc[r][j * 16]), r, j, t, ep, csum, wzp, ws, bias, mask);
+      finish_vec(_mm512_load_si512(&acc[r][j * 16]), r, j, t, ep, csum, wzp, ws, bias, mask, ybuf);
   }
+  if (fast_transposed(ep)) transposed_store(ybuf, t, ep);
 }
 
 void tile(const Tile& t, const Epilogue& ep) {

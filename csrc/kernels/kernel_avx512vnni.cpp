@@ -49,6 +49,7 @@ static void kernel(const Tile& t, const Epilogue& ep) {
     }
   }
 
+  alignas(64) float ybuf[MR * kYLd];
 #pragma GCC unroll 4
   for (int j = 0; j < NB; ++j) {
     const int n = t.n + j * 16;
@@ -58,8 +59,9 @@ static void kernel(const Tile& t, const Epilogue& ep) {
     const __m512 ws = _mm512_maskz_loadu_ps(mask, ep.wscale + n);
     const __m512 bias = ep.bias ? _mm512_maskz_loadu_ps(mask, ep.bias + n) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) finish_vec(c[r][j], r, j, t, ep, csum, wzp, ws, bias, mask);
+    for (int r = 0; r < MR; ++r) finish_vec(c[r][j], r, j, t, ep, csum, wzp, ws, bias, mask, ybuf);
   }
+  if (fast_transposed(ep)) transposed_store(ybuf, t, ep);
 }
 
 using KernelFn = void (*)(const Tile&, const Epilogue&);

@@ -57,9 +57,40 @@ void fill_1x1(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, std:
   }
 }
 
+// im2col rows for kernels of width KW with unit width-dilation: constant-size copies.
+template <int KW>
+void im2col_rows(const ConvCtx& c, int m0, int mb, std::uint8_t* buf, int ldb) {
+  const ConvParams& p = c.w->p;
+  const int Cg = p.C / p.group;
+  const std::size_t plane = static_cast<std::size_t>(c.Hp) * c.Wp;
+  for (int r = 0; r < mb; ++r) {
+    const int pix = m0 + r, oh = pix / c.OW, ow = pix % c.OW;
+    std::uint8_t* dst = buf + static_cast<std::size_t>(r) * ldb;
+    const std::uint8_t* base = c.Xp + static_cast<std::size_t>(c.g * Cg) * plane +
+                               static_cast<std::size_t>(oh * p.stride_h) * c.Wp + ow * p.stride_w;
+    for (int ci = 0; ci < Cg; ++ci, base += plane) {
+      for (int kh = 0; kh < p.kH; ++kh, dst += KW)
+        std::memcpy(dst, base + static_cast<std::size_t>(kh * p.dil_h) * c.Wp, KW);
+    }
+  }
+}
+
 void fill_im2col(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale) {
   const ConvCtx& c = *static_cast<const ConvCtx*>(vctx);
   const ConvParams& p = c.w->p;
+  if (p.dil_w == 1 && (p.kW == 1 || p.kW == 3 || p.kW == 5 || p.kW == 7)) {
+    switch (p.kW) {
+      case 1: im2col_rows<1>(c, m0, mb, buf, ldb); break;
+      case 3: im2col_rows<3>(c, m0, mb, buf, ldb); break;
+      case 5: im2col_rows<5>(c, m0, mb, buf, ldb); break;
+      default: im2col_rows<7>(c, m0, mb, buf, ldb); break;
+    }
+    for (int r = 0; r < mb; ++r) {
+      zp[r] = static_cast<std::int32_t>(c.zpf);
+      scale[r] = c.scale;
+    }
+    return;
+  }
   const int Cg = p.C / p.group;
   const std::size_t plane = static_cast<std::size_t>(c.Hp) * c.Wp;
   for (int r = 0; r < mb; ++r) {
@@ -100,7 +131,7 @@ void depthwise_task(void* data, std::size_t ci) {
   const ConvParams& p = c.w->p;
   const int Mg = p.M / p.group;
   const std::uint8_t* xp = c.Xp + ci * static_cast<std::size_t>(c.Hp) * c.Wp;
-  std::vector<std::int32_t> scratch(static_cast<std::size_t>(c.OW) + 16);
+  std::vector<std::int32_t> scratch(static_cast<std::size_t>(c.OW) + 64);
   const std::size_t oplane = static_cast<std::size_t>(c.OH) * c.OW;
   for (int j = 0; j < Mg; ++j) {
     const int oc = static_cast<int>(ci) * Mg + j;

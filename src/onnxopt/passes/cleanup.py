@@ -158,12 +158,20 @@ def onnx_dtype(t: gs.Tensor) -> Optional[int]:
         return None
 
 
-def const_ints(t: Optional[gs.Tensor]) -> Optional[List[int]]:
-    """Values of a constant integer tensor as a flat list, else None."""
+def const_value(t: Optional[gs.Tensor]) -> Optional[np.ndarray]:
+    """Numpy value of a constant, or None (not a constant, or its external data cannot be read)."""
     if t is None or not isinstance(t, gs.Constant):
         return None
-    v = np.asarray(t.values)
-    if v.dtype.kind not in "iu":
+    try:
+        return np.asarray(t.values)
+    except Exception:
+        return None
+
+
+def const_ints(t: Optional[gs.Tensor]) -> Optional[List[int]]:
+    """Values of a constant integer tensor as a flat list, else None."""
+    v = const_value(t)
+    if v is None or v.dtype.kind not in "iu":
         return None
     return [int(x) for x in v.reshape(-1)]
 
@@ -286,9 +294,8 @@ def dropout_is_inference(node: gs.Node) -> bool:
     training = optional_input(node, 2)
     if training is None:
         return True
-    if not isinstance(training, gs.Constant):
-        return False
-    return not bool(np.any(np.asarray(training.values)))
+    value = const_value(training)
+    return value is not None and not bool(np.any(value))
 
 
 @register_pass
@@ -516,7 +523,9 @@ def _constant_bytes(c: gs.Constant) -> Optional[bytes]:
             return repr(("external", info.get("location"), info.get("offset"), info.get("length"))).encode()
         if t.HasField("raw_data"):
             return t.raw_data
-        v = c.values
+        v = const_value(c)
+        if v is None:
+            return None
     arr = np.asarray(v)
     if arr.dtype == object:
         return repr(arr.tolist()).encode()

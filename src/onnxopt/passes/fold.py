@@ -11,8 +11,8 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from .. import ir
 from ..errors import PassOptionError
 from .base import Pass, PassContext, register_pass
-from .cleanup import (NONDETERMINISTIC, Scope, _iter_graph_objects, _opset, _subgraphs, is_default_domain,
-                      onnx_dtype, static_shape)
+from .cleanup import (NONDETERMINISTIC, Scope, _iter_graph_objects, _opset, _subgraphs, const_value,
+                      is_default_domain, onnx_dtype, static_shape)
 
 # Ops never folded: stateful or random, sequence/optional plumbing, and ops other passes remove
 # without copying their (possibly large) input.
@@ -48,7 +48,10 @@ def _predict_outputs(node: gs.Node, proto: onnx.NodeProto, opset: int) -> Option
             return None
         types[t.name] = tp
         if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) <= SMALL_DATA:
-            data[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+            value = const_value(t)
+            if value is None:
+                return None
+            data[t.name] = onnx.numpy_helper.from_array(value, t.name)
     try:
         inferred = onnx.shape_inference.infer_node_outputs(
             schema, proto, types, data, opset_imports=[onnx.helper.make_opsetid("", opset)])
@@ -97,8 +100,8 @@ def _shape_fold(node: gs.Node, scope: Scope) -> Optional[np.ndarray]:
             return None
         start, end = int(shape_node.attrs.get("start", 0)), shape_node.attrs.get("end")
         dims = list(full)[start:None if end is None else int(end)]
-        idx = np.asarray(node.inputs[1].values)
-        if idx.dtype.kind not in "iu" or np.any(idx >= len(dims)) or np.any(idx < -len(dims)):
+        idx = const_value(node.inputs[1])
+        if idx is None or idx.dtype.kind not in "iu" or np.any(idx >= len(dims)) or np.any(idx < -len(dims)):
             return None
         picked = [dims[int(i)] for i in idx.reshape(-1)]
         if any(not isinstance(d, (int, np.integer)) or d < 0 for d in picked):
@@ -190,8 +193,8 @@ class FoldConstants(Pass):
     def _evaluate(node: gs.Node, proto: onnx.NodeProto, opset: int, failures: Dict[str, int]):
         from onnx.reference import ReferenceEvaluator
 
-        feeds = {t.name: np.asarray(t.values) for t in node.inputs if not t.is_empty()}
         try:
+            feeds = {t.name: np.asarray(t.values) for t in node.inputs if not t.is_empty()}
             return list(ReferenceEvaluator(proto, opsets={"": opset}).run(None, feeds))
         except Exception:
             failures[node.op] = failures.get(node.op, 0) + 1

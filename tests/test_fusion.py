@@ -302,7 +302,8 @@ def test_fuse_matmul_add_to_gemm_leaves_3d():
     m = make_model(nodes, [vi("x", ["b", "s", 3])], [vi("y", ["b", "s", 5])], [init("w", rand(3, 5)), init("b", rand(5))])
     out, report = run(m, "fuse_matmul_add_to_gemm")
     assert ops(out) == ["MatMul", "Add"]
-    assert "rank 3 is not 2" in messages(report)
+    assert ("fuse_matmul_add_to_gemm", "refused 1x: MatMul input rank 3 is not 2; MatMul+Add of higher rank "
+                               "stays (onnxruntime fuses it itself)") in report.messages
 
 
 def test_fuse_matmul_add_to_gemm_refuses_growing_bias():
@@ -432,7 +433,7 @@ def test_fuse_pad_into_conv_inside_if():
 
 # ------------------------------------------------------------------------ fuse_layer_normalization
 
-def ln_nodes(opset, square="pow", normalize="div", beta=True, out="y"):
+def ln_nodes(opset, square="pow", normalize="div", affine=2, out="y"):
     def rmean(src, dst, axes_name):
         if opset >= 18:
             return helper.make_node("ReduceMean", [src, axes_name], [dst])
@@ -447,8 +448,11 @@ def ln_nodes(opset, square="pow", normalize="div", beta=True, out="y"):
         nodes.append(helper.make_node("Div", ["d", "std"], ["n"]))
     else:
         nodes += [helper.make_node("Reciprocal", ["std"], ["r"]), helper.make_node("Mul", ["d", "r"], ["n"])]
-    nodes.append(helper.make_node("Mul", ["n", "gamma"], ["yg" if beta else out]))
-    if beta:
+    if affine == 0:
+        nodes[-1].output[0] = out
+    if affine >= 1:
+        nodes.append(helper.make_node("Mul", ["n", "gamma"], ["yg" if affine == 2 else out]))
+    if affine == 2:
         nodes.append(helper.make_node("Add", ["beta", "yg"], [out]))
     inits = [init("two", np.array(2.0, np.float32)), init("eps", np.array(1e-5, np.float32)),
              init("gamma", rand(8)), init("beta", rand(8))]
@@ -462,16 +466,29 @@ def ln_model(opset=17, **kw):
     return make_model(nodes, [vi("x", ["b", 3, 8])], [vi("y", ["b", 3, 8])], inits, opset=opset)
 
 
-@pytest.mark.parametrize("opset,square,normalize,beta", [
-    (17, "pow", "div", True), (18, "mul", "div", True), (18, "pow", "reciprocal", True), (17, "mul", "div", False)])
-def test_fuse_layer_normalization(opset, square, normalize, beta):
-    m = ln_model(opset, square=square, normalize=normalize, beta=beta)
+@pytest.mark.parametrize("opset,square,normalize,affine", [
+    (17, "pow", "div", 2), (18, "mul", "div", 2), (18, "pow", "reciprocal", 2), (17, "mul", "div", 1),
+    (18, "pow", "div", 0), (17, "pow", "reciprocal", 0), (18, "mul", "reciprocal", 1)])
+def test_fuse_layer_normalization(opset, square, normalize, affine):
+    m = ln_model(opset, square=square, normalize=normalize, affine=affine)
     out, _ = run(m, "fuse_layer_normalization")
     assert ops(out) == ["LayerNormalization"]
     node = out.graph.node[0]
-    assert len(node.input) == (3 if beta else 2)
+    assert len(node.input) == (3 if affine == 2 else 2)
+    if affine == 0:
+        np.testing.assert_array_equal(node_input(out, node, 1), np.ones(8, np.float32))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["axis"] == -1 and abs(attrs["epsilon"] - 1e-5) < 1e-10
+    assert_equivalent(m, out)
+
+
+def test_fuse_layer_normalization_without_affine_feeding_two_consumers():
+    nodes, inits = ln_nodes(18, affine=0, out="n")
+    nodes += [helper.make_node("Mul", ["n", "gamma"], ["y1"]), helper.make_node("Relu", ["n"], ["y2"])]
+    m = make_model(nodes, [vi("x", [2, 3, 8])], [vi("y1", [2, 3, 8]), vi("y2", [2, 3, 8])], inits, opset=18)
+    out, report = run(m, "fuse_layer_normalization")
+    assert ops(out) == ["LayerNormalization", "Mul", "Relu"]
+    assert report.messages == []
     assert_equivalent(m, out)
 
 

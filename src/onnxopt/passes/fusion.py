@@ -39,26 +39,40 @@ class FusionRule(RewriteRule):
 
 
 def _drop_dead(graph: gs.Graph) -> None:
-    """Remove nodes of `graph` whose outputs nobody reads (the leftovers of a rewrite round)."""
+    """Remove nodes of `graph` whose outputs nobody reads (the leftovers of a rewrite round).
+
+    Links are cut with plain list operations, once per touched tensor: graphsurgeon's synchronized
+    lists remove one node at a time with a deep Node.__eq__ scan, quadratic on shared constants.
+    """
     outputs = {id(t) for t in graph.outputs}
     local = {id(n) for n in graph.nodes}
+    removed = {}
 
     def dead(n):
-        return all(id(t) not in outputs and not t.outputs for t in n.outputs)
+        return all(id(t) not in outputs and all(id(c) in removed for c in t.outputs) for t in n.outputs)
 
     work = [n for n in graph.nodes if dead(n)]
-    removed = set()
     while work:
         n = work.pop()
         if id(n) in removed or not dead(n):
             continue
-        removed.add(id(n))
-        producers = [t.inputs[0] for t in n.inputs if len(t.inputs) == 1]
-        n.inputs.clear()
-        n.outputs.clear()
-        work.extend(p for p in producers if id(p) in local)
-    if removed:
-        graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+        removed[id(n)] = n
+        work.extend(t.inputs[0] for t in n.inputs if len(t.inputs) == 1 and id(t.inputs[0]) in local)
+    if not removed:
+        return
+    touched = {}
+    for n in removed.values():
+        for t in n.inputs:
+            touched[id(t)] = t
+        for t in n.outputs:
+            list.clear(t.inputs)
+        list.clear(n.inputs)
+        list.clear(n.outputs)
+    for t in touched.values():
+        kept = [c for c in t.outputs if id(c) not in removed]
+        list.clear(t.outputs)
+        list.extend(t.outputs, kept)
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -313,8 +327,8 @@ def _mm_condition(ctx, x, w, b):
     if ctx.opset() < 7:
         return ctx.refuse(f"opset {ctx.opset()} < 7: Gemm has no broadcasting C")
     if ctx.rank(x) != 2:
-        return ctx.refuse(f"MatMul {x.name!r} @ {w.name!r}: input rank {ctx.rank(x)} is not 2; MatMul+Add of "
-                          "higher rank stays (onnxruntime fuses it itself)")
+        return ctx.refuse(f"MatMul input rank {ctx.rank(x)} is not 2; MatMul+Add of higher rank stays "
+                          "(onnxruntime fuses it itself)")
     if ctx.rank(w) != 2:
         return ctx.refuse(f"MatMul {x.name!r} @ {w.name!r}: weight rank {ctx.rank(w)} is not 2")
     try:
@@ -469,17 +483,24 @@ fuse_pad_into_conv = _rule(
 
 # ------------------------------------------------------------------------ fuse_layer_normalization
 
-def _ln_pattern(axes_input: bool, square: str, normalize: str, with_beta: bool):
+def _ln_pattern(axes_input: bool, square: str, normalize: str, affine: int):
+    """affine: 0 none, 1 γ, 2 γ and β."""
     def pattern(op, x, ax1, ax2, two, eps, gamma, beta):
         def mean(t, ax, name):
             return op.ReduceMean(t, ax, _as=name) if axes_input else op.ReduceMean(t, _as=name)
 
+        def root(level):
+            return "root" if level == affine else None
+
         d = op.Sub(x, mean(x, ax1, "rm1"))
         sq = op.Pow(d, two) if square == "pow" else op.Mul(d, d)
         std = op.Sqrt(op.Add(mean(sq, ax2, "rm2"), eps))
-        n = op.Div(d, std) if normalize == "div" else op.Mul(d, op.Reciprocal(std))
-        y = op.Mul(n, gamma, _as="scale_mul")
-        return op.Add(y, beta) if with_beta else y
+        y = op.Div(d, std, _as=root(0)) if normalize == "div" else op.Mul(d, op.Reciprocal(std), _as=root(0))
+        if affine >= 1:
+            y = op.Mul(y, gamma, _as=root(1))
+        if affine == 2:
+            y = op.Add(y, beta, _as=root(2))
+        return y
     return pattern
 
 
@@ -501,7 +522,7 @@ def _ln_vector(ctx, t, d: int, rank: int) -> Optional[np.ndarray]:
     return np.broadcast_to(v.reshape(-1), (d,))
 
 
-def _ln_condition(ctx, x, rm1, rm2, eps, gamma, scale_mul, beta=None, two=None, ax1=None, ax2=None):
+def _ln_condition(ctx, x, rm1, rm2, eps, root, gamma=None, beta=None, two=None, ax1=None, ax2=None):
     if ctx.opset() < 17:
         return ctx.refuse(f"LayerNormalization needs opset 17 (model has {ctx.opset()})")
     if _float_dtype(ctx, x) is None:
@@ -520,17 +541,18 @@ def _ln_condition(ctx, x, rm1, rm2, eps, gamma, scale_mul, beta=None, two=None, 
     for t in (gamma, beta):
         if t is not None and _ln_vector(ctx, t, d, rank) is None and ctx.shape(t) != (d,):
             return ctx.refuse(f"{t.name!r}: scale/bias of shape {ctx.shape(t)} is not a [{d}] vector")
-    if beta is None:  # γ only: leave it to the γ+β match when a bias Add follows
-        users = scale_mul.outputs[0].outputs
-        if len(users) == 1 and users[0].op == "Add" and any(ctx.is_constant(i) for i in users[0].inputs):
+    if beta is None:  # leave it to the longer match when a constant γ Mul or β Add follows
+        users = root.outputs[0].outputs
+        follows = "Mul" if gamma is None else "Add"
+        if len(users) == 1 and users[0].op == follows and any(ctx.is_constant(i) for i in users[0].inputs):
             return ctx.refuse("")
     return True
 
 
-def _ln_replacement(op, x, eps, gamma, beta=None):
+def _ln_replacement(op, x, eps, gamma=None, beta=None):
     """LayerNormalization over the last axis from its decomposition:
     d = x − ReduceMean(x); y = d / √(ReduceMean(d²) + ε) · γ + β  (d² as Pow(d, 2) or d·d, the division
-    as Div or ·Reciprocal, β optional) → LayerNormalization(x, γ, β, axis=−1, epsilon=ε).
+    as Div or ·Reciprocal, γ and β optional) → LayerNormalization(x, γ or ones, β, axis=−1, epsilon=ε).
     """
     ctx = op.ctx
     shape = ctx.shape(x)
@@ -540,13 +562,14 @@ def _ln_replacement(op, x, eps, gamma, beta=None):
         v = _ln_vector(ctx, t, d, rank)
         return t if v is None or ctx.shape(t) == (d,) else op.const(np.ascontiguousarray(v), "v")
 
-    ins = [x, vec(gamma)] + ([vec(beta)] if beta is not None else [])
+    scale = vec(gamma) if gamma is not None else op.const(np.ones(d, dtype=_float_dtype(ctx, x)), "ones")
+    ins = [x, scale] + ([vec(beta)] if beta is not None else [])
     return op.LayerNormalization(*ins, axis=-1, epsilon=_scalar(ctx, eps, x))
 
 
 fuse_layer_normalization = _rule(
     "fuse_layer_normalization",
-    [_ln_pattern(a, s, n, bt) for bt in (True, False) for a in (False, True) for s in ("pow", "mul")
+    [_ln_pattern(a, s, n, affine) for affine in (2, 1, 0) for a in (False, True) for s in ("pow", "mul")
      for n in ("div", "reciprocal")],
     _ln_replacement, _ln_condition,
     doc="Fuse the decomposed layer norm (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add) into "

@@ -623,3 +623,21 @@ def test_default_pipeline_fuses_a_small_cnn_and_transformer_block():
     out = onnxopt.optimize(m)
     assert ops(out) == ["Conv"]
     assert_equivalent(m, out)
+
+
+def test_fold_batchnorm_in_if_with_outer_scope_weights_and_fp16():
+    # weights and BN parameters are main-graph initializers read from inside the branch
+    then = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"])] + bn_nodes("c", out="yt"), "then", [],
+                             [vi("yt", [1, 3, 2, 2], TensorProto.FLOAT16)])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "w2"], ["ye"])], "else", [],
+                              [vi("ye", [1, 3, 2, 2], TensorProto.FLOAT16)])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)
+    inits = [init("w", rand(3, 2, 3, 3).astype(np.float16)), init("w2", rand(3, 2, 3, 3).astype(np.float16))]
+    inits += [init(t.name, numpy_helper.to_array(t).astype(np.float16)) for t in bn_inits(3)]
+    m = make_model([node], [vi("x", [1, 2, 4, 4], TensorProto.FLOAT16), vi("cond", [], TensorProto.BOOL)],
+                   [vi("y", [1, 3, 2, 2], TensorProto.FLOAT16)], inits)
+    out, _ = run(m, "fold_batchnorm")
+    assert branch_ops(out, "then_branch") == ["Conv"]
+    for cond in (True, False):
+        feeds = {"x": rand(1, 2, 4, 4).astype(np.float16), "cond": np.array(cond)}
+        assert_equivalent(m, out, feeds=feeds, rtol=1e-2, atol=1e-2)

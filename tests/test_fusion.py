@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxopt
 from onnxopt.passes import fusion
 
-from .helpers import F, assert_equivalent, init, make_model, ops, vi
+from .helpers import assert_equivalent, init, make_model, ops, vi
 
 RNG = np.random.default_rng(0)
 
@@ -299,7 +299,8 @@ def test_fuse_matmul_add_to_gemm(bias_shape, bias_first):
 
 def test_fuse_matmul_add_to_gemm_leaves_3d():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])]
-    m = make_model(nodes, [vi("x", ["b", "s", 3])], [vi("y", ["b", "s", 5])], [init("w", rand(3, 5)), init("b", rand(5))])
+    m = make_model(nodes, [vi("x", ["b", "s", 3])], [vi("y", ["b", "s", 5])],
+                   [init("w", rand(3, 5)), init("b", rand(5))])
     out, report = run(m, "fuse_matmul_add_to_gemm")
     assert ops(out) == ["MatMul", "Add"]
     assert ("fuse_matmul_add_to_gemm", "refused 1x: MatMul input rank 3 is not 2; MatMul+Add of higher rank "
@@ -525,8 +526,8 @@ def test_fuse_layer_normalization_inside_if():
 # -------------------------------------------------------------------------------------- fuse_gelu
 
 def gelu_erf_nodes(assoc, variant):
-    nodes = [helper.make_node("Div", ["x", "k"], ["u"]) if variant == "div" else helper.make_node("Mul", ["k", "x"], ["u"]),
-             helper.make_node("Erf", ["u"], ["e"]), helper.make_node("Add", ["one", "e"], ["h"])]
+    scale = helper.make_node("Div", ["x", "k"], ["u"]) if variant == "div" else helper.make_node("Mul", ["k", "x"], ["u"])
+    nodes = [scale, helper.make_node("Erf", ["u"], ["e"]), helper.make_node("Add", ["one", "e"], ["h"])]
     if assoc == 0:  # TorchScript exporter: (x * h) * 0.5
         nodes += [helper.make_node("Mul", ["x", "h"], ["xh"]), helper.make_node("Mul", ["xh", "half"], ["y"])]
     elif assoc == 1:  # HF BERT: (x * 0.5) * h

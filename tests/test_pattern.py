@@ -88,8 +88,8 @@ def test_graph_output_at_the_root_keeps_its_name_dtype_and_shape():
 def test_rule_rewrites_inside_if_and_loop_bodies_not_across_scopes():
     w = init("w", RNG.standard_normal((3, 3)).astype(np.float32))
     b = init("b", RNG.standard_normal(3).astype(np.float32))
-    then = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t1"]), helper.make_node("Add", ["t1", "b"], ["o1"])],
-                             "then", [], [vi("o1", [2, 3])], [w, b])
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t1"]),
+                              helper.make_node("Add", ["t1", "b"], ["o1"])], "then", [], [vi("o1", [2, 3])], [w, b])
     # else: the MatMul lives in the outer graph; a rule never matches across the scope boundary
     other = helper.make_graph([helper.make_node("Add", ["outer_t", "b2"], ["o2"])], "else", [], [vi("o2", [2, 3])],
                               [init("b2", np.ones(3, np.float32))])

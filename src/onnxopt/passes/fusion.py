@@ -93,13 +93,16 @@ def _overridable(ctx: PassContext) -> frozenset:
     return names
 
 
-def _const(ctx: PassContext, t: Optional[gs.Tensor]) -> Optional[np.ndarray]:
-    """Value of `t` if it is an initializer no caller can override (not also a graph input)."""
+def _is_const(ctx: PassContext, t: Optional[gs.Tensor]) -> bool:
+    """Is `t` an initializer no caller can override (not also a graph input)? Loads nothing."""
     if t is None or not ctx.is_constant(t):
-        return None
-    if t.name in _overridable(ctx) or (ctx.root is not None and any(t is i for i in ctx.root.inputs)):
-        return None
-    return ctx.value(t)
+        return False
+    return not (t.name in _overridable(ctx) or (ctx.root is not None and any(t is i for i in ctx.root.inputs)))
+
+
+def _const(ctx: PassContext, t: Optional[gs.Tensor]) -> Optional[np.ndarray]:
+    """Value of `t` if `_is_const`, else None."""
+    return ctx.value(t) if _is_const(ctx, t) else None
 
 
 def _present(t: Optional[gs.Tensor]) -> bool:
@@ -153,14 +156,14 @@ def _bn_pattern(op_type: str, n_inputs: int):
     return pattern
 
 
-def _out_channels(producer: gs.Node, w: np.ndarray) -> int:
+def _out_channels(producer: gs.Node, wshape: tuple) -> int:
     if producer.op == "Conv":
-        return w.shape[0]
+        return wshape[0]
     if producer.op == "ConvTranspose":
-        return w.shape[1] * int(producer.attrs.get("group", 1))
+        return wshape[1] * int(producer.attrs.get("group", 1))
     if producer.op == "Gemm":
-        return w.shape[0] if producer.attrs.get("transB", 0) else w.shape[1]
-    return w.shape[1]  # MatMul
+        return wshape[0] if producer.attrs.get("transB", 0) else wshape[1]
+    return wshape[1]  # MatMul
 
 
 def _bn_condition(ctx, producer, bn, x, w, scale, beta, mean, var, b=None):
@@ -169,26 +172,26 @@ def _bn_condition(ctx, producer, bn, x, w, scale, beta, mean, var, b=None):
                           "training_mode=1) normalizes with batch statistics")
     if bn.attrs.get("spatial", 1) != 1:
         return ctx.refuse(f"{bn.name}: spatial=0 BatchNormalization has per-element statistics")
-    if any(_const(ctx, t) is None for t in (scale, beta, mean, var)):
+    if not all(_is_const(ctx, t) for t in (scale, beta, mean, var)):
         return ctx.refuse(f"{bn.name}: scale/B/mean/var are not all constant initializers")
-    wv = _const(ctx, w)
-    if wv is None:
+    if not _is_const(ctx, w):
         return ctx.refuse(f"{producer.name}: weight {w.name!r} is not a constant initializer")
     if _shared(w, producer):
         return ctx.refuse(f"{producer.name}: weight {w.name!r} is shared with other nodes; folding would copy it")
-    if _present(b) and _const(ctx, b) is None:
+    if _present(b) and not _is_const(ctx, b):
         return ctx.refuse(f"{producer.name}: bias {b.name!r} is not a constant initializer")
-    if wv.dtype.name not in FLOAT_TYPES:
-        return ctx.refuse(f"{producer.name}: weight dtype {wv.dtype} is not a float type")
-    if producer.op in ("Conv", "ConvTranspose") and wv.ndim < 3:
-        return ctx.refuse(f"{producer.name}: weight of rank {wv.ndim}")
-    if producer.op in ("Gemm", "MatMul") and wv.ndim != 2:
+    wshape = tuple(w.shape)  # the weight's bytes are not needed (nor loaded) to decide
+    if _float_dtype(ctx, w) is None:
+        return ctx.refuse(f"{producer.name}: weight dtype {w.dtype} is not a float type")
+    if producer.op in ("Conv", "ConvTranspose") and len(wshape) < 3:
+        return ctx.refuse(f"{producer.name}: weight of rank {len(wshape)}")
+    if producer.op in ("Gemm", "MatMul") and len(wshape) != 2:
         return ctx.refuse(f"{producer.name}: {producer.op} weight is not 2-D")
     if producer.op == "MatMul" and ctx.rank(x) != 2:
         return ctx.refuse(f"{producer.name}: BatchNormalization after MatMul normalizes dim 1, which is the "
                           f"weight's output dim only for a 2-D input (rank here: {ctx.rank(x)})")
-    m = _out_channels(producer, wv)
-    if any(_const(ctx, t).shape != (m,) for t in (scale, beta, mean, var)):
+    m = _out_channels(producer, wshape)
+    if any(tuple(t.shape) != (m,) for t in (scale, beta, mean, var)):
         return ctx.refuse(f"{bn.name}: parameters are not of shape [{m}] (the producer's output channels)")
     return True
 
@@ -261,17 +264,16 @@ def _per_channel(c: np.ndarray, m: int, rank: int) -> Optional[np.ndarray]:
 
 
 def _cma_condition(ctx, conv, root, x, w, c, b=None):
-    wv = _const(ctx, w)
-    if wv is None:
+    if not _is_const(ctx, w):
         return ctx.refuse(f"{conv.name}: weight {w.name!r} is not a constant initializer")
     if _shared(w, conv):
         return ctx.refuse(f"{conv.name}: weight {w.name!r} is shared with other nodes; folding would copy it")
-    if _present(b) and _const(ctx, b) is None:
+    if _present(b) and not _is_const(ctx, b):
         return ctx.refuse(f"{conv.name}: bias {b.name!r} is not a constant initializer")
     cv = _const(ctx, c)
     if cv is None:
         return ctx.refuse(f"{root.name}: {root.op} operand {c.name!r} is not a constant initializer")
-    if _per_channel(cv, wv.shape[0], wv.ndim) is None:
+    if _per_channel(cv, w.shape[0], len(w.shape)) is None:
         return ctx.refuse(f"{root.name}: {root.op} operand of shape {list(cv.shape)} is not per output channel "
                           f"([M,1,...], [1,M,1,...] or one value)")
     return True

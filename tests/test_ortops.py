@@ -268,3 +268,18 @@ def test_schema_registration_is_idempotent():
     s = onnx.defs.get_schema("QGemm", 1, "com.onnxopt")
     assert [i.name for i in s.inputs] == list(schemas.QGEMM_INPUTS)
     assert [i.name for i in onnx.defs.get_schema("QConv", 1, "com.onnxopt").inputs] == list(schemas.QCONV_INPUTS)
+
+
+@needs_lib
+def test_library_exports_only_the_entry_points_and_needs_no_libonnxruntime():
+    import shutil
+    import subprocess
+
+    if not (shutil.which("nm") and shutil.which("readelf")):
+        pytest.skip("binutils (nm, readelf) not installed")
+    syms = subprocess.run(["nm", "-D", "--defined-only", LIB], capture_output=True, text=True, check=True).stdout
+    exported = sorted(line.split()[-1] for line in syms.splitlines() if line.split()[-2:-1] in (["T"], ["W"]))
+    assert exported == ["RegisterCustomOps", "RegisterCustomOpsAltName"], exported
+    dyn = subprocess.run(["readelf", "-d", LIB], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in dyn.splitlines() if "(NEEDED)" in line]
+    assert needed and not any("onnxruntime" in line for line in needed), needed

@@ -11,7 +11,7 @@ from .passes import base
 from .passes.base import Pass, PassContext, PassManager, Report
 
 
-def optimize(model: ir.ModelLike, passes: Optional[Iterable[Union[str, Pass]]] = None, *, calibration=None,
+def optimize(model: Union[ir.ModelLike, ir.Source], passes: Optional[Iterable[Union[str, Pass]]] = None, *, calibration=None,
              verify: bool = False, max_iterations: int = 8, return_report: bool = False, seed: int = 0):
     """Optimize `model` (path, bytes or ModelProto; never modified) and return a new ModelProto.
 
@@ -29,7 +29,7 @@ def optimize(model: ir.ModelLike, passes: Optional[Iterable[Union[str, Pass]]] =
         if needing:
             raise CalibrationError(f"pass(es) {', '.join(needing)} need calibration data: "
                                    "pass calibration=... (see passes.md)")
-    source = ir.load_model(model)
+    source = ir.load_source(model)
     result, report = run_pipeline(source, pipeline, calibration=calibration, max_iterations=max_iterations)
     if verify:
         from .verify import verify_pipeline
@@ -39,25 +39,16 @@ def optimize(model: ir.ModelLike, passes: Optional[Iterable[Union[str, Pass]]] =
     return (result, report) if return_report else result
 
 
-def run_pipeline(source: onnx.ModelProto, pipeline, *, calibration=None, max_iterations: int = 8,
+def run_pipeline(source: ir.Source, pipeline, *, calibration=None, max_iterations: int = 8,
                  after_pass=None) -> tuple:
     """Run `pipeline` on a private copy of `source`; returns (ModelProto, Report)."""
     graph = ir.import_graph(source)
-    ctx = PassContext(source, calibration=calibration, report=Report())
+    ctx = PassContext(source.proto, calibration=calibration, report=Report())
     PassManager(pipeline, max_iterations=max_iterations, after_pass=after_pass).run(graph, ctx)
-    result = ir.export_model(graph, source)
-    _check_result(result)
+    result = ir.export_model(graph, source, hydrate_payloads=False)
+    ir.check(result, "internal error: the optimized model", error=OptimizeError)
+    ir.hydrate(result, graph.__dict__["_onnxopt_payloads"])
     return result, ctx.report
-
-
-def _check_result(model: onnx.ModelProto) -> None:
-    if ir.needs_external(model):
-        return  # absolute external-data references: checked in ORT by verify and after save
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise OptimizeError(f"internal error: the optimized model is invalid ({str(exc).splitlines()[0]}); "
-                            "please report it with the model, or run with verify=True to find the pass") from None
 
 
 def save(model: onnx.ModelProto, path, external_data: Optional[bool] = None) -> None:

@@ -23,14 +23,14 @@ def cmd_optimize(args) -> int:
 
     if os.path.abspath(args.output) == os.path.abspath(args.model):
         raise OptimizeError("output path is the input path: write the result somewhere else")
-    source = ir.load_model(args.model)
+    source = ir.load_source(args.model)
     result, report = optimize(source, passes=_split_passes(args.passes), verify=args.verify, return_report=True)
     print(report.format())
     save(result, args.output)
     print(f"\nwrote {args.output}")
     if not args.no_bench:
         print()
-        cmp = compare_models(source, result, rounds=args.rounds, threads=args.threads, progress=True)
+        cmp = compare_models(source.full(), result, rounds=args.rounds, threads=args.threads, progress=True)
         print(cmp.format(("original", "optimized")))
     return 0
 

@@ -8,15 +8,17 @@ streamed into the new data file by `save`, never held in memory as a whole model
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx.external_data_helper import uses_external_data
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import InvalidModelError, UnsupportedModelError
 
@@ -28,30 +30,60 @@ EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this big go to the data fil
 
 # --------------------------------------------------------------------------------------------- load
 
-def load_model(model: ModelLike) -> onnx.ModelProto:
-    """A private, checked copy of `model` (path, bytes or ModelProto). Never mutates the input."""
+class Source:
+    """A loaded model kept in stripped form: `proto` holds the structure, with every large payload
+    replaced by a placeholder reference into `payloads` (see `stripped`). Weights are copied out of
+    protobuf once at load and back in once at export; nothing in between serializes them."""
+
+    def __init__(self, proto: onnx.ModelProto, payloads: list, where: str):
+        self.proto, self.payloads, self.where = proto, payloads, where
+
+    def full(self) -> onnx.ModelProto:
+        """A complete ModelProto (a copy with the payloads filled in)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.proto)
+        return hydrate(model, self.payloads)
+
+
+def load_source(model: Union[ModelLike, Source]) -> Source:
+    """Parse and check `model` (path, bytes or ModelProto; never mutated) into a private Source.
+
+    External-data locations are rewritten to absolute paths (so tensors can be read from any cwd);
+    external weights themselves are not read.
+    """
+    if isinstance(model, Source):
+        return model
+    base_dir = None
     if isinstance(model, onnx.ModelProto):
-        proto = copy.deepcopy(model)
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
         where = "the given ModelProto"
     elif isinstance(model, (bytes, bytearray, memoryview)):
-        proto = _parse(bytes(model), "the given bytes")
         where = "the given bytes"
+        proto = _parse(bytes(model), where)
     elif isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise InvalidModelError(f"{path}: no such file")
-        with open(path, "rb") as f:
+        where = os.fspath(model)
+        if not os.path.isfile(where):
+            raise InvalidModelError(f"{where}: no such file")
+        with open(where, "rb") as f:
             data = f.read()
-        proto = _parse(data, path)
+        proto = _parse(data, where)
         del data
-        _check(proto, path, model_path=path)
-        _absolutize_external_data(proto, os.path.dirname(os.path.abspath(path)), path)
-        return proto
+        base_dir = os.path.dirname(os.path.abspath(where))
     else:
         raise InvalidModelError(
             f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
-    _check(proto, where)
-    return proto
+    _check_opset(proto, where)
+    if base_dir is not None:
+        _absolutize_external_data(proto, base_dir, where)
+    payloads = strip(proto)
+    check(proto, where, is_stripped=True)
+    return Source(proto, payloads, where)
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """A private, checked, complete copy of `model` (path, bytes or ModelProto)."""
+    return load_source(model).full()
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -65,7 +97,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
-def _check(proto: onnx.ModelProto, where: str, model_path: str | None = None) -> None:
+def _check_opset(proto: onnx.ModelProto, where: str) -> None:
     default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
         raise InvalidModelError(f"{where}: model has no default-domain opset import")
@@ -74,17 +106,137 @@ def _check(proto: onnx.ModelProto, where: str, model_path: str | None = None) ->
         raise UnsupportedModelError(
             f"{where}: opset {default[0]} is newer than this onnx package knows ({newest}); "
             "upgrade onnx or export with an older opset")
-    external = any(uses_external_data(t) for t in _all_tensors(proto.graph))
-    if external and model_path is None:
-        return  # locations are relative to a directory we do not know; checked when read
+
+
+def check(proto: onnx.ModelProto, where: str = "model", error=InvalidModelError, is_stripped: bool = False) -> None:
+    """onnx.checker on `proto` without pushing its weights through protobuf serialization.
+
+    Large payloads are (or, unless `is_stripped`, are temporarily) references to an empty
+    placeholder file while the checker runs: it validates structure, not weight bytes, so a 400 MB
+    model checks in milliseconds and external-data models check wherever their data lives.
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as tmp:
+        open(os.path.join(tmp, PLACEHOLDER), "wb").close()
+        path = os.path.join(tmp, "model.onnx")
+        if is_stripped:
+            data = proto.SerializeToString()
+        else:
+            with stripped(proto):
+                data = proto.SerializeToString()
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            onnx.checker.check_model(path)
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
+            raise error(f"{where}: invalid ONNX model: {first}") from None
+
+
+# ------------------------------------------------------------------------------- payload stripping
+
+PLACEHOLDER = "__onnxopt_payload__"  # external-data location that stands for "kept aside in memory"
+STRIP_THRESHOLD = 1024  # bytes: smaller payloads stay in the proto (shape constants and the like)
+
+
+def strip(proto: onnx.ModelProto) -> list:
+    """Turn every large tensor payload of `proto` into a placeholder reference, in place.
+
+    Each stripped tensor becomes external data at location PLACEHOLDER with `offset` = its index in
+    the returned list of payloads: (raw bytes or None, external-data entries or None, data_type,
+    dims). `hydrate` puts them back.
+    """
+    payloads = []
+    for t in _proto_tensors(proto):
+        if uses_external_data(t):
+            payload = (None, [(e.key, e.value) for e in t.external_data])
+        elif t.HasField("raw_data") and len(t.raw_data) >= STRIP_THRESHOLD:
+            payload = (t.raw_data, None)
+            t.ClearField("raw_data")
+        else:
+            continue
+        index = len(payloads)
+        payloads.append(payload + (t.data_type, tuple(t.dims)))
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", PLACEHOLDER), ("offset", str(index)), ("length", "0")):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+    return payloads
+
+
+@contextlib.contextmanager
+def stripped(proto: onnx.ModelProto):
+    """`proto` stripped for the duration of the block (cheap to serialize), then restored."""
+    payloads = strip(proto)
     try:
-        onnx.checker.check_model(model_path if external else proto)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
-        raise InvalidModelError(f"{where}: invalid ONNX model: {first}") from None
-    except ValueError as exc:  # e.g. proto too large for the in-memory checker
-        if proto.ByteSize() < PROTOBUF_LIMIT:
-            raise InvalidModelError(f"{where}: invalid ONNX model: {exc}") from None
+        yield payloads
+    finally:
+        hydrate(proto, payloads)
+
+
+def _set_payload(t: onnx.TensorProto, raw, entries) -> None:
+    del t.external_data[:]
+    if raw is not None:
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = raw
+    else:
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in entries:
+            e = t.external_data.add()
+            e.key, e.value = k, v
+
+
+def _placeholder_index(t: onnx.TensorProto) -> Optional[int]:
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    return int(info["offset"]) if info.get("location") == PLACEHOLDER else None
+
+
+def hydrate(model: onnx.ModelProto, payloads: list) -> onnx.ModelProto:
+    """Put the kept-aside payloads back into the placeholder tensors of `model` (in place)."""
+    for t in _proto_tensors(model):
+        idx = _placeholder_index(t)
+        if idx is not None:
+            raw, entries, _, _ = payloads[idx]
+            _set_payload(t, raw, entries)
+    return model
+
+
+class PayloadValues(LazyValues):
+    """LazyValues over a kept-aside payload: raw bytes in memory or an absolute external file."""
+
+    def __init__(self, placeholder: onnx.TensorProto, payload: tuple, index: int):
+        super().__init__(placeholder)
+        self.payload = payload
+        self.index = index
+
+    def load(self):
+        raw, entries, data_type, dims = self.payload
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+        if raw is not None:
+            if data_type in _NON_NUMPY_RAW:
+                t = onnx.TensorProto()
+                t.data_type, t.raw_data = data_type, raw
+                t.dims.extend(dims)
+                return np.array(onnx.numpy_helper.to_array(t))
+            return np.frombuffer(raw, dtype=dtype).reshape(dims).copy()
+        info = dict(entries)
+        count = int(np.prod(dims)) if dims else 1
+        with open(info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(count * np.dtype(dtype).itemsize)
+        if data_type in _NON_NUMPY_RAW:
+            t = onnx.TensorProto()
+            t.data_type, t.raw_data = data_type, data
+            t.dims.extend(dims)
+            return np.array(onnx.numpy_helper.to_array(t))
+        return np.frombuffer(data, dtype=dtype).reshape(dims).copy()
+
+
+_NON_NUMPY_RAW = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+                  onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ, onnx.TensorProto.INT4,
+                  onnx.TensorProto.UINT4, onnx.TensorProto.BOOL}
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -98,6 +250,15 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from _all_tensors(g)
+
+
+def _proto_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _all_tensors(proto.graph)
+    for fn in proto.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
 
 
 def _absolutize_external_data(proto: onnx.ModelProto, base_dir: str, where: str) -> None:
@@ -115,14 +276,57 @@ def _absolutize_external_data(proto: onnx.ModelProto, base_dir: str, where: str)
 
 # ------------------------------------------------------------------------------------- graph <-> IR
 
-def import_graph(proto: onnx.ModelProto, infer_shapes: bool = True) -> gs.Graph:
-    """graphsurgeon Graph for `proto` (which the caller owns). Shape inference first, best effort."""
+def import_graph(source: Union[Source, onnx.ModelProto], infer_shapes: bool = True) -> gs.Graph:
+    """graphsurgeon Graph for `source` (not modified). Shape inference first, best effort.
+
+    Weights never pass through protobuf serialization or numpy here: inference and import run on
+    the stripped structure and each initializer's values stay lazy (`PayloadValues`) until a pass
+    reads them.
+    """
+    if not isinstance(source, Source):  # a caller-owned ModelProto: strip a copy, no checks
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        source = Source(proto, strip(proto), "model")
+    small = onnx.ModelProto()
+    small.CopyFrom(source.proto)
     if infer_shapes:
-        proto = infer_model_shapes(proto)
-    extras = _take_node_extras(proto.graph, {}, [0])
-    graph = gs.import_onnx(proto)
-    graph._onnxopt_node_extras = extras
+        small = infer_model_shapes(small)
+    extras = _take_node_extras(small.graph, {}, [0])
+    graph = gs.import_onnx(small)
+    payloads = source.payloads
+    for g in _graphs_and_functions(graph):
+        for t in _constants_of(g):
+            v = t._values
+            if type(v) is LazyValues:
+                idx = _placeholder_index(v.tensor)
+                if idx is not None:
+                    t._values = PayloadValues(v.tensor, payloads[idx], idx)
+    graph.__dict__["_onnxopt_node_extras"] = extras
+    graph.__dict__["_onnxopt_payloads"] = payloads
     return graph
+
+
+def _graphs_and_functions(graph: gs.Graph) -> Iterator[gs.Graph]:
+    yield from iter_graphs(graph)
+    for fn in graph.functions:
+        yield from iter_graphs(fn)
+
+
+def _constants_of(graph: gs.Graph) -> Iterator[gs.Constant]:
+    seen = set()
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen.add(id(t))
+                yield t
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Constant) and id(attr) not in seen:
+                seen.add(id(attr))
+                yield attr
+    for t in list(graph.inputs) + list(graph.outputs):
+        if isinstance(t, gs.Constant) and id(t) not in seen:
+            seen.add(id(t))
+            yield t
 
 
 def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -160,8 +364,14 @@ def infer_model_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         return proto
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """ModelProto for `graph`, with the model-level fields of `template` carried over."""
+def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydrate_payloads: bool = True) -> onnx.ModelProto:
+    """ModelProto for `graph`, with the model-level fields of `template` carried over.
+
+    Initializers still lazy are exported as placeholders (cheap) and then filled in from the kept
+    payloads; with `hydrate_payloads=False` the placeholders stay (for checking and inspection).
+    """
+    if isinstance(template, Source):
+        template = template.proto
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
@@ -172,7 +382,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.doc_string = template.graph.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
-    extras = getattr(graph, "_onnxopt_node_extras", None)
+    extras = graph.__dict__.get("_onnxopt_node_extras")
     if extras:
         for node in _walk_nodes(model.graph):
             if node.name in extras:
@@ -207,6 +417,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     del model.opset_import[:]
     for dom, ver in versions.items():
         model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+    if hydrate_payloads:
+        hydrate(model, graph.__dict__.get("_onnxopt_payloads", []))
     return model
 
 
@@ -258,6 +470,8 @@ def constant_value(t: gs.Tensor) -> np.ndarray | None:
     """Numpy value of a Constant (loads external data on demand), else None."""
     if not isinstance(t, gs.Constant):
         return None
+    if isinstance(t._values, LazyValues) and not isinstance(t._values, SparseValues):
+        return np.asarray(t._values.load())  # not cached on the tensor: big weights stay lazy
     return np.asarray(t.values)
 
 

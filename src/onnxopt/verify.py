@@ -117,13 +117,15 @@ def max_abs_diff(ref: List[np.ndarray], got: List[np.ndarray]) -> float:
     return worst
 
 
-def verify_pipeline(source: onnx.ModelProto, result: onnx.ModelProto, pipeline, *, calibration=None,
+def verify_pipeline(source: "ir.Source", result: onnx.ModelProto, pipeline, *, calibration=None,
                     max_iterations: int = 8, seed: int = 0, report=None, approx_cosine: float = 0.99) -> None:
     """Compare `result` with `source`; on a mismatch, re-run pass by pass to name the culprit."""
     from .api import run_pipeline
 
-    feeds = make_feeds(source, seed)
-    ref = run(source, feeds)
+    original = source.full()
+    feeds = make_feeds(original, seed)
+    ref = run(original, feeds)
+    del original
     exact = all(p.exact for p in pipeline)
     problem = _judge(ref, run(result, feeds), exact, approx_cosine)
     if report is not None:

@@ -1,23 +1,15 @@
 """Registers the built-in passes and presets.
 
 Each pass module registers its passes on import and lists, in `DEFAULT`, the ones that belong in the
-"default" preset, in order. Cleanup comes first (so fusions see through Identity/Constant nodes),
-then folding, then fusions; the manager repeats the exact group to a fixed point.
+"default" preset, in order: cleanup first (so fusions see through Identity/Constant nodes), then
+folding, then fusions, and analysis (shape refresh) last. The manager repeats this exact group to a
+fixed point.
 """
-import importlib
+from . import cleanup, fold, fusion
+from .base import _REGISTRY, pass_class, register_preset
 
-from .base import register_preset
-
-_MODULES = ["cleanup", "fold", "fusion"]
-
-DEFAULT = []
-for _name in _MODULES:
-    try:
-        _mod = importlib.import_module(f".{_name}", __package__)
-    except ModuleNotFoundError as exc:  # a module not written yet
-        if exc.name != f"{__package__}.{_name}":
-            raise
-        continue
-    DEFAULT.extend(getattr(_mod, "DEFAULT", []))
-
+DEFAULT = [*cleanup.DEFAULT, *fold.DEFAULT, *fusion.DEFAULT]
+DEFAULT.sort(key=lambda name: pass_class(name).kind == "analysis")  # stable: only moves analysis last
 register_preset("default", DEFAULT)
+
+BUILTIN = frozenset(_REGISTRY)  # what onnxopt itself registers, before any user code runs

@@ -516,6 +516,12 @@ def _constant_bytes(c: gs.Constant) -> Optional[bytes]:
     v = c._values
     if isinstance(v, SparseValues):
         return None
+    if isinstance(v, ir.PayloadValues):  # kept-aside payload: its bytes, or where they live on disk
+        raw, entries, _, _ = v.payload
+        if raw is not None:
+            return raw
+        info = dict(entries)
+        return repr(("external", info.get("location"), info.get("offset"), info.get("length"))).encode()
     if isinstance(v, LazyValues):
         t = v.tensor
         if t.data_location == onnx.TensorProto.EXTERNAL:

@@ -8,7 +8,6 @@ float epilogue acc * (x_scale * w_scale) + bias and the activation. Also checks 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt.schemas  # noqa: F401  (registers the com.onnxopt schemas)

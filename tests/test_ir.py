@@ -117,3 +117,16 @@ def test_external_weights_are_not_all_loaded(tmp_path):
     grown = (peak - base) * 1024
     assert grown < 1.5 * weights, f"optimize grew RSS by {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
     assert os.path.getsize(tmp_path / "o.onnx.data") >= weights
+
+
+def test_initializer_that_is_a_graph_input_stays_an_overridable_input():
+    w = np.ones((3, 3), np.float32)
+    nodes = [helper.make_node("Identity", ["w"], ["wi"]), helper.make_node("MatMul", ["x", "wi"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 3]), vi("w", [3, 3])], [vi("y", [2, 3])], [init("w", w)])
+    out = onnxopt.optimize(m)
+    assert [i.name for i in out.graph.input] == ["x", "w"]
+    assert [t.name for t in out.graph.initializer] == ["w"]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    other = np.full((3, 3), 2.0, np.float32)
+    assert verify.compare(verify.run(m, {"x": x, "w": other}), verify.run(out, {"x": x, "w": other})) is None
+    assert verify.compare(verify.run(m, {"x": x}), verify.run(out, {"x": x})) is None

@@ -292,7 +292,18 @@ def import_graph(source: Union[Source, onnx.ModelProto], infer_shapes: bool = Tr
     if infer_shapes:
         small = infer_model_shapes(small)
     extras = _take_node_extras(small.graph, {}, [0])
+    # An initializer that is also a graph input (IR >= 4) is a default value the caller may
+    # override: passes must see an input, not a constant. It goes back in at export.
+    overridable = []
+    if small.ir_version >= 4:
+        names = {i.name for i in small.graph.input}
+        keep = [t for t in small.graph.initializer if t.name not in names]
+        overridable = [t for t in small.graph.initializer if t.name in names]
+        if overridable:
+            del small.graph.initializer[:]
+            small.graph.initializer.extend(keep)
     graph = gs.import_onnx(small)
+    graph.__dict__["_onnxopt_overridable"] = overridable
     payloads = source.payloads
     for g in _graphs_and_functions(graph):
         for t in _constants_of(g):
@@ -382,6 +393,8 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     model.graph.doc_string = template.graph.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    inputs = {i.name for i in model.graph.input}
+    model.graph.initializer.extend(t for t in graph.__dict__.get("_onnxopt_overridable", []) if t.name in inputs)
     extras = graph.__dict__.get("_onnxopt_node_extras")
     if extras:
         for node in _walk_nodes(model.graph):

@@ -137,6 +137,7 @@ class PassContext:
         self.current_pass: Optional[str] = None
         self.root: Optional[gs.Graph] = None  # the main graph while a pipeline runs
         self._name_counter = 0
+        self._noted: set = set()
 
     # opsets -------------------------------------------------------------------------------
     def opset(self, domain: str = "") -> int:
@@ -200,7 +201,11 @@ class PassContext:
         return Refusal(reason)
 
     def note(self, text: str) -> None:
-        self.report.messages.append((self.current_pass or "", text))
+        """Record a message for the report (once: fixed-point rounds repeat the same refusals)."""
+        entry = (self.current_pass or "", text)
+        if entry not in self._noted:
+            self._noted.add(entry)
+            self.report.messages.append(entry)
 
 
 # ----------------------------------------------------------------------------------------- registry

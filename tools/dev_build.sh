@@ -10,4 +10,12 @@ cmake -S "$root" -B "$bdir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v "$py")" -Dpybind11_DIR="$("$py" -m pybind11 --cmakedir)" "$@" >/dev/null
 cmake --build "$bdir" -j 2
 cmake --install "$bdir" --prefix "$bdir/install" >/dev/null
-cp -v "$bdir"/install/onnxopt/*.so "$root/src/onnxopt/" 2>/dev/null || echo "(no native artifacts installed)"
+# copy then rename: a process that has the old .so loaded keeps its (unlinked) copy instead of crashing
+found=0
+for so in "$bdir"/install/onnxopt/*.so; do
+  [ -e "$so" ] || continue
+  found=1
+  cp "$so" "$root/src/onnxopt/.$(basename "$so").tmp" && mv -f "$root/src/onnxopt/.$(basename "$so").tmp" "$root/src/onnxopt/$(basename "$so")"
+  echo "installed src/onnxopt/$(basename "$so")"
+done
+[ "$found" = 1 ] || echo "(no native artifacts installed)"

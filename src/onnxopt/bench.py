@@ -110,15 +110,4 @@ def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Optio
 
 
 def ir_count(model: onnx.ModelProto) -> int:
-    def count(g):
-        n = 0
-        for node in g.node:
-            n += 1
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    n += count(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    n += sum(count(x) for x in a.graphs)
-        return n
-
-    return count(model.graph)
+    return sum(1 for _ in ir.walk_nodes(model.graph))

@@ -57,19 +57,7 @@ def cmd_inspect(args) -> int:
     import onnx
 
     model = ir.load_model(args.model)
-    hist = collections.Counter()
-
-    def walk(g, depth=0):
-        for n in g.node:
-            hist[(n.domain or "ai.onnx", n.op_type)] += 1
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g, depth + 1)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        walk(sub, depth + 1)
-
-    walk(model.graph)
+    hist = collections.Counter((n.domain or "ai.onnx", n.op_type) for n in ir.walk_nodes(model.graph))
     print(f"model: {args.model}")
     print(f"ir_version {model.ir_version}, producer {model.producer_name or '?'} {model.producer_version}")
     print("opsets: " + ", ".join(f"{o.domain or 'ai.onnx'}={o.version}" for o in model.opset_import))

@@ -340,21 +340,22 @@ def _constants_of(graph: gs.Graph) -> Iterator[gs.Constant]:
             yield t
 
 
-def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every NodeProto of `graph` and of its If/Loop/Scan bodies, outer first."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(attr.g)
+                yield from walk_nodes(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _walk_nodes(g)
+                    yield from walk_nodes(g)
 
 
 def _take_node_extras(graph: onnx.GraphProto, extras: dict, counter: list) -> dict:
     """Node doc strings and metadata_props, which graphsurgeon drops, keyed by (made-unique) name."""
-    names = {n.name for n in _walk_nodes(graph) if n.name}
-    for node in _walk_nodes(graph):
+    names = {n.name for n in walk_nodes(graph) if n.name}
+    for node in walk_nodes(graph):
         meta = list(getattr(node, "metadata_props", []))
         if not node.doc_string and not meta:
             continue
@@ -397,7 +398,7 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     model.graph.initializer.extend(t for t in graph.__dict__.get("_onnxopt_overridable", []) if t.name in inputs)
     extras = graph.__dict__.get("_onnxopt_node_extras")
     if extras:
-        for node in _walk_nodes(model.graph):
+        for node in walk_nodes(model.graph):
             if node.name in extras:
                 doc, meta = extras[node.name]
                 node.doc_string = doc
@@ -421,9 +422,9 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     versions = {o.domain: o.version for o in template.opset_import}
     for o in model.opset_import:
         versions.setdefault(o.domain, o.version)
-    used = set(_used_domains(model.graph)) | {f.domain for f in model.functions}
+    used = {n.domain for n in walk_nodes(model.graph)} | {f.domain for f in model.functions}
     for fn in model.functions:
-        used |= set(_used_domains_nodes(fn.node))
+        used |= {n.domain for n in fn.node}
     for dom in used:
         if dom not in versions and dom not in ("ai.onnx",):
             versions[dom] = 1
@@ -433,21 +434,6 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     if hydrate_payloads:
         hydrate(model, graph.__dict__.get("_onnxopt_payloads", []))
     return model
-
-
-def _used_domains_nodes(nodes) -> Iterator[str]:
-    for node in nodes:
-        yield node.domain
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _used_domains(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _used_domains(g)
-
-
-def _used_domains(graph: onnx.GraphProto) -> Iterator[str]:
-    yield from _used_domains_nodes(graph.node)
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import ir
+
 DOMAIN = "com.onnxopt"
 DISABLE_ENV = "ONNXOPT_DISABLE_NATIVE_OPS"
 LIBRARY_ENV = "ONNXOPT_OPS_LIBRARY"  # explicit path of libonnxopt_ops (e.g. a build tree's)
@@ -93,18 +95,7 @@ def register_custom_ops(sess_options: ort.SessionOptions | None = None) -> ort.S
 
 def uses_custom_ops(model: onnx.ModelProto) -> bool:
     """True if any node of the model (subgraphs included) is in domain com.onnxopt."""
-    return any(n.domain == DOMAIN for n in _all_nodes(model.graph))
-
-
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_nodes(g)
+    return any(n.domain == DOMAIN for n in ir.walk_nodes(model.graph))
 
 
 class InferenceSession(ort.InferenceSession):

@@ -110,11 +110,12 @@ class Report:
 
     def format(self) -> str:
         rows = self.summary()
-        lines = [f"{'pass':<32} {'runs':>4} {'changed':>7} {'nodes':>7} {'ms':>9}"]
+        w = max([len(r["pass"]) for r in rows] + [5])
+        lines = [f"{'pass':<{w}} {'runs':>4} {'changed':>7} {'nodes':>7} {'ms':>9}"]
         for row in rows:
-            lines.append(f"{row['pass']:<32} {row['runs']:>4} {row['changed']:>7} {row['node_delta']:>+7d} "
+            lines.append(f"{row['pass']:<{w}} {row['runs']:>4} {row['changed']:>7} {row['node_delta']:>+7d} "
                          f"{row['seconds'] * 1e3:>9.1f}")
-        lines.append(f"{'total':<32} {'':>4} {'':>7} {self.nodes_after - self.nodes_before:>+7d} "
+        lines.append(f"{'total':<{w}} {'':>4} {'':>7} {self.nodes_after - self.nodes_before:>+7d} "
                      f"{self.seconds * 1e3:>9.1f}   ({self.nodes_before} -> {self.nodes_after} nodes, "
                      f"{self.iterations} iteration(s))")
         for name, text in self.messages:

@@ -175,20 +175,20 @@ def _bn_condition(ctx, producer, bn, x, w, scale, beta, mean, var, b=None):
     if not all(_is_const(ctx, t) for t in (scale, beta, mean, var)):
         return ctx.refuse(f"{bn.name}: scale/B/mean/var are not all constant initializers")
     if not _is_const(ctx, w):
-        return ctx.refuse(f"{producer.name}: weight {w.name!r} is not a constant initializer")
+        return ctx.refuse(f"{producer.name or producer.op}: weight {w.name!r} is not a constant initializer")
     if _shared(w, producer):
-        return ctx.refuse(f"{producer.name}: weight {w.name!r} is shared with other nodes; folding would copy it")
+        return ctx.refuse(f"{producer.name or producer.op}: weight {w.name!r} is shared with other nodes; folding would copy it")
     if _present(b) and not _is_const(ctx, b):
-        return ctx.refuse(f"{producer.name}: bias {b.name!r} is not a constant initializer")
+        return ctx.refuse(f"{producer.name or producer.op}: bias {b.name!r} is not a constant initializer")
     wshape = tuple(w.shape)  # the weight's bytes are not needed (nor loaded) to decide
     if _float_dtype(ctx, w) is None:
-        return ctx.refuse(f"{producer.name}: weight dtype {w.dtype} is not a float type")
+        return ctx.refuse(f"{producer.name or producer.op}: weight dtype {w.dtype} is not a float type")
     if producer.op in ("Conv", "ConvTranspose") and len(wshape) < 3:
-        return ctx.refuse(f"{producer.name}: weight of rank {len(wshape)}")
+        return ctx.refuse(f"{producer.name or producer.op}: weight of rank {len(wshape)}")
     if producer.op in ("Gemm", "MatMul") and len(wshape) != 2:
-        return ctx.refuse(f"{producer.name}: {producer.op} weight is not 2-D")
+        return ctx.refuse(f"{producer.name or producer.op}: {producer.op} weight is not 2-D")
     if producer.op == "MatMul" and ctx.rank(x) != 2:
-        return ctx.refuse(f"{producer.name}: BatchNormalization after MatMul normalizes dim 1, which is the "
+        return ctx.refuse(f"{producer.name or producer.op}: BatchNormalization after MatMul normalizes dim 1, which is the "
                           f"weight's output dim only for a 2-D input (rank here: {ctx.rank(x)})")
     m = _out_channels(producer, wshape)
     if any(tuple(t.shape) != (m,) for t in (scale, beta, mean, var)):
@@ -265,16 +265,16 @@ def _per_channel(c: np.ndarray, m: int, rank: int) -> Optional[np.ndarray]:
 
 def _cma_condition(ctx, conv, root, x, w, c, b=None):
     if not _is_const(ctx, w):
-        return ctx.refuse(f"{conv.name}: weight {w.name!r} is not a constant initializer")
+        return ctx.refuse(f"{conv.name or conv.op}: weight {w.name!r} is not a constant initializer")
     if _shared(w, conv):
-        return ctx.refuse(f"{conv.name}: weight {w.name!r} is shared with other nodes; folding would copy it")
+        return ctx.refuse(f"{conv.name or conv.op}: weight {w.name!r} is shared with other nodes; folding would copy it")
     if _present(b) and not _is_const(ctx, b):
-        return ctx.refuse(f"{conv.name}: bias {b.name!r} is not a constant initializer")
+        return ctx.refuse(f"{conv.name or conv.op}: bias {b.name!r} is not a constant initializer")
     cv = _const(ctx, c)
     if cv is None:
-        return ctx.refuse(f"{root.name}: {root.op} operand {c.name!r} is not a constant initializer")
+        return ctx.refuse(f"{root.name or root.op}: {root.op} operand {c.name!r} is not a constant initializer")
     if _per_channel(cv, w.shape[0], len(w.shape)) is None:
-        return ctx.refuse(f"{root.name}: {root.op} operand of shape {list(cv.shape)} is not per output channel "
+        return ctx.refuse(f"{root.name or root.op}: {root.op} operand of shape {list(cv.shape)} is not per output channel "
                           f"([M,1,...], [1,M,1,...] or one value)")
     return True
 
@@ -370,7 +370,7 @@ def _pad_pattern(n_pad_inputs: int, consumer: str, n_consumer_inputs: int):
 
 def _pad_plan(ctx, pad, conv, w=None, pads=None, value=None, axes=None):
     """(new attrs for `conv`) or a Refusal."""
-    where = f"{pad.name} -> {conv.name}"
+    where = f"{pad.name or pad.op} -> {conv.name or conv.op}"
     if _attr(pad, "mode", "constant") != "constant":
         return ctx.refuse(f"{where}: Pad mode {_attr(pad, 'mode', '')!r} is not 'constant'")
     if "pads" in pad.attrs:  # opset < 11

@@ -1,0 +1,5 @@
+"""Quantization passes: dynamic and static int8 (two targets: com.onnxopt ops or onnxruntime QDQ).
+
+Importing the package registers the passes. The lowering targets and numerics are in common.py.
+"""
+from . import dynamic  # noqa: F401  (registers quantize_dynamic)

@@ -71,3 +71,39 @@ static inline void transposed_store(const float* ybuf, const Tile& t, const Epil
     }
   }
 }
+
+// Output stage of the direct conv (DirectConv in internal.h) on 16 pixels q..q+15 of output
+// channel oc < d.Mg, stored straight into the NCHW plane. Pixels past the last output row or in
+// the padded columns (ow >= OW) are dropped. Same arithmetic as zp_correct + the output stage.
+static inline void direct_finish16(const DirectConv& d, int oc, int q, __m512i acc) {
+  const int nq = d.OH * d.Wp;
+  if (q >= nq) return;
+  const std::uint32_t corr = static_cast<std::uint32_t>(d.zp) * static_cast<std::uint32_t>(d.wsum[oc]);
+  const __m512i v = _mm512_sub_epi32(acc, _mm512_set1_epi32(static_cast<std::int32_t>(corr)));
+  const float s = d.a_scale * d.wscale[oc];
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(s));
+  if (d.bias) y = _mm512_add_ps(y, _mm512_set1_ps(d.bias[oc]));
+  if (d.act == Activation::Relu) {
+    y = _mm512_max_ps(y, _mm512_setzero_ps());
+  } else if (d.act == Activation::Clip) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(d.lo));
+    y = _mm512_min_ps(y, _mm512_set1_ps(d.hi));
+  }
+  float* base = d.Y + static_cast<std::ptrdiff_t>(oc) * d.oplane;
+  if (d.Wp == d.OW) {
+    _mm512_mask_storeu_ps(base + q, col_mask(nq - q), y);
+    return;
+  }
+  int oh = q / d.Wp, ow = q - oh * d.Wp, i = 0;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  while (i < 16 && oh < d.OH) {
+    if (ow < d.OW) {
+      const int valid = d.OW - ow < 16 - i ? d.OW - ow : 16 - i;
+      const __m512 yi = i ? _mm512_permutexvar_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(i)), y) : y;
+      _mm512_mask_storeu_ps(base + static_cast<std::ptrdiff_t>(oh) * d.OW + ow, col_mask(valid), yi);
+    }
+    i += d.Wp - ow;
+    ++oh;
+    ow = 0;
+  }
+}

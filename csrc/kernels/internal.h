@@ -45,6 +45,33 @@ struct Tile {
   const std::int32_t* rsum;   // [mr] row sums of A, or null when the weights have no zero point
 };
 
+// Direct (implicit-GEMM) stride-1 convolution of one group, output channels x pixels, written
+// straight into the NCHW output. The input is quantized once into X: [CGp][L][4] u8, i.e. groups
+// of 4 input channels interleaved per padded pixel (pixel index p = h * Wp + w of the zero-point
+// padded image, L >= every pixel read). Output "pixel" q = oh * Wp + ow runs over the padded width;
+// columns ow >= OW are computed and discarded. Tap t reads X at pixel q + tap_off[t].
+// Weights W: [Mp][Kd] s8 with Kd = taps * CGp * 4, k = (t * CGp + cg) * 4 + c4, zero padded
+// (channels >= Cg, rows >= Mg). acc = sum W * X; y = float(acc - zp * wsum[oc]) * (a_scale *
+// wscale[oc]) (+ bias[oc]), activation: the contract's output stage for a per-tensor zero point.
+struct DirectConv {
+  const std::uint8_t* X;
+  std::ptrdiff_t L;
+  const std::int8_t* W;
+  int Kd, CGp, taps;
+  const int* tap_off;
+  int Wp, OH, OW;
+  int Mg;
+  const std::int32_t* wsum;
+  std::int32_t zp;
+  float a_scale;
+  const float* wscale;  // [Mg] (group offset applied)
+  const float* bias;    // [Mg] or null
+  Activation act;
+  float lo, hi;
+  float* Y;             // [Mg][OH * OW]
+  std::ptrdiff_t oplane;
+};
+
 // A per-ISA kernel set. Packed B layout for an ISA: panels of NB*NR columns; inside a panel,
 // for each k-group of KR rows, NB blocks of [NR columns][KR k] elements (elem bytes each).
 // The last panel may hold fewer blocks. A is always u8, rows padded with zeros to Kp (a multiple
@@ -62,6 +89,13 @@ struct IsaOps {
   int kpad = 4;                        // packed K is padded to a multiple of this
   void (*task_begin)() = nullptr;      // per-thread setup around a GEMM task (AMX tile config)
   void (*task_end)() = nullptr;
+  // Direct conv (null: the ISA uses the im2col GEMM path). Computes output channels [oc0, oc1)
+  // (multiples of conv_mt, may run past Mg up to Mp) for pixels q in [q0, q1) (multiples of
+  // conv_qt; X must hold every pixel those tiles read).
+  void (*conv_direct)(const DirectConv& d, int oc0, int oc1, int q0, int q1) = nullptr;
+  int conv_mt = 1, conv_qt = 1, conv_cg_align = 1;
+  // Quantize n floats of 4 channel rows (x[i] null: the zero point) into n interleaved 4-byte pixels.
+  void (*quant_pack4)(const float* const* x, int n, float scale, float zpf, std::uint8_t* dst) = nullptr;
 };
 
 const IsaOps& ops_scalar();

@@ -98,6 +98,49 @@ void tile(const Tile& t, const Epilogue& ep) {
   }
 }
 
+// Direct conv: C tiles hold [16 output channels][16 pixels]; A = weights (s8, 16 rows of 64 k
+// bytes, row stride Kd), B = packed activations (u8, 16 channel groups x 16 pixels x 4 channels,
+// row stride L * 4), hence tdpbsud (signed x unsigned). 2 x 2 C tiles: 32 channels x 32 pixels.
+void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
+  const int kc = d.CGp / 16;
+  const std::ptrdiff_t bstride = d.L * 4;
+  alignas(64) std::int32_t acc[32][32];
+  for (int q = q0; q < q1; q += 32) {
+    for (int oc = oc0; oc < oc1; oc += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const std::int8_t* A0 = d.W + static_cast<std::ptrdiff_t>(oc) * d.Kd;
+      const std::int8_t* A1 = A0 + static_cast<std::ptrdiff_t>(16) * d.Kd;
+      for (int t = 0; t < d.taps; ++t) {
+        const std::uint8_t* xb = d.X + static_cast<std::ptrdiff_t>(q + d.tap_off[t]) * 4;
+        for (int cb = 0; cb < kc; ++cb) {
+          const int k = (t * d.CGp + cb * 16) * 4;
+          const std::uint8_t* b = xb + static_cast<std::ptrdiff_t>(cb) * 16 * bstride;
+          _tile_loadd(4, A0 + k, d.Kd);
+          _tile_loadd(6, b, bstride);
+          _tile_dpbsud(0, 4, 6);
+          _tile_loadd(7, b + 64, bstride);
+          _tile_dpbsud(1, 4, 7);
+          _tile_loadd(5, A1 + k, d.Kd);
+          _tile_dpbsud(2, 5, 6);
+          _tile_dpbsud(3, 5, 7);
+        }
+      }
+      _tile_stored(0, &acc[0][0], 128);
+      _tile_stored(1, &acc[0][16], 128);
+      _tile_stored(2, &acc[16][0], 128);
+      _tile_stored(3, &acc[16][16], 128);
+      const int rows = d.Mg - oc < 32 ? d.Mg - oc : 32;
+      for (int r = 0; r < rows; ++r) {
+        direct_finish16(d, oc + r, q, _mm512_load_si512(&acc[r][0]));
+        direct_finish16(d, oc + r, q + 16, _mm512_load_si512(&acc[r][16]));
+      }
+    }
+  }
+}
+
 }  // namespace amx_isa
 
 const IsaOps& ops_amx() {
@@ -108,6 +151,11 @@ const IsaOps& ops_amx() {
     o.kpad = 64;
     o.task_begin = amx_isa::task_begin;
     o.task_end = amx_isa::task_end;
+    o.conv_direct = amx_isa::conv_direct;
+    o.conv_mt = 32;
+    o.conv_qt = 32;
+    o.conv_cg_align = 16;
+    o.quant_pack4 = v.quant_pack4;
     return o;
   }();
   return ops;

@@ -126,12 +126,144 @@ void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* 
   }
 }
 
+// 4 channel rows -> [n][4] u8 (channel-interleaved pixels) for the direct conv.
+void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint8_t* dst) {
+  const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zpf);
+  const __m128i zq = _mm_set1_epi8(static_cast<char>(static_cast<std::uint8_t>(zpf)));
+  int i = 0;
+  for (; i < n; i += 16) {
+    const int rem = n - i;
+    const __mmask16 m = col_mask(rem);
+    __m128i q[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c)
+      q[c] = x[c] ? quant16(rem >= 16 ? _mm512_loadu_ps(x[c] + i) : _mm512_maskz_loadu_ps(m, x[c] + i), vs, vz) : zq;
+    const __m128i a = _mm_unpacklo_epi8(q[0], q[1]), b = _mm_unpackhi_epi8(q[0], q[1]);
+    const __m128i c = _mm_unpacklo_epi8(q[2], q[3]), e = _mm_unpackhi_epi8(q[2], q[3]);
+    __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(a, c));
+    v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(a, c), 1);
+    v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(b, e), 2);
+    v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(b, e), 3);
+    std::uint8_t* o = dst + static_cast<std::ptrdiff_t>(i) * 4;
+    if (rem >= 16)
+      _mm512_storeu_si512(o, v);
+    else
+      _mm512_mask_storeu_epi32(o, m, v);
+  }
+}
+
+// Direct conv micro-tile: 8 output channels x 48 pixels, 24 zmm accumulators; the activations
+// (u8, 16 pixels x 4 channels per load) are vpdpbusd's unsigned operand, 4 weight bytes of one
+// channel broadcast the signed one.
+constexpr int kCMR = 8, kCNB = 3;
+
+void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
+  const std::ptrdiff_t plane = d.L * 4;
+  for (int q = q0; q < q1; q += 16 * kCNB) {
+    for (int oc = oc0; oc < oc1; oc += kCMR) {
+      __m512i c[kCMR][kCNB];
+#pragma GCC unroll 8
+      for (int r = 0; r < kCMR; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_setzero_si512();
+      const std::int8_t* w = d.W + static_cast<std::ptrdiff_t>(oc) * d.Kd;
+      for (int t = 0; t < d.taps; ++t) {
+        const std::uint8_t* xb = d.X + static_cast<std::ptrdiff_t>(q + d.tap_off[t]) * 4;
+        const std::int8_t* wt = w + t * d.CGp * 4;
+        for (int cg = 0; cg < d.CGp; ++cg) {
+          const std::uint8_t* x = xb + cg * plane;
+          __m512i b[kCNB];
+#pragma GCC unroll 4
+          for (int j = 0; j < kCNB; ++j) b[j] = _mm512_loadu_si512(x + j * 64);
+#pragma GCC unroll 8
+          for (int r = 0; r < kCMR; ++r) {
+            std::int32_t wv;
+            std::memcpy(&wv, wt + static_cast<std::ptrdiff_t>(r) * d.Kd + cg * 4, 4);
+            const __m512i vw = _mm512_set1_epi32(wv);
+#pragma GCC unroll 4
+            for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], b[j], vw);
+          }
+        }
+      }
+      const int rows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < kCNB; ++j) direct_finish16(d, oc + r, q + 16 * j, c[r][j]);
+    }
+  }
+}
+
+// Depthwise with vpdpbusd: one output row, 16 pixels per vector; each 32-bit lane gathers the
+// 4 input bytes under one kernel row (kW <= 4 taps, the rest weighted 0) with vpermd + vpshufb,
+// so a kernel row costs one vpdpbusd. Other geometries use the generic loops.
+static void depthwise(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw, int dh,
+                      int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
+                      const Epilogue& ep, float* out, std::int32_t* scratch) {
+  if (kW > 4 || dw != 1 || sw > 2 || kH > 16) {
+    depthwise_generic(xp, Wp, w, kH, kW, sh, sw, dh, dw, OH, OW, wsum, zp, a_scale, oc, ep, out, scratch);
+    return;
+  }
+  __m512i wv[16];
+  for (int kh = 0; kh < kH; ++kh) {
+    std::uint8_t b[4] = {0, 0, 0, 0};
+    for (int kw = 0; kw < kW; ++kw) b[kw] = static_cast<std::uint8_t>(w[kh * kW + kw]);
+    std::int32_t v;
+    std::memcpy(&v, b, 4);
+    wv[kh] = _mm512_set1_epi32(v);
+  }
+  const __m512i perm = sw == 1 ? _mm512_setr_epi32(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6)
+                               : _mm512_setr_epi32(0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 8, 9);
+  const __m512i shuf = sw == 1 ? _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6))
+                               : _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 8, 9));
+  // Bytes a block of 16 outputs reads from one input row (masked load: no over-read).
+  const int need = 15 * sw + 4;
+  const __mmask64 lmask = (need >= 64) ? ~0ull : ((1ull << need) - 1ull);
+  const float s = a_scale * ep.wscale[oc];
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512 vb = _mm512_set1_ps(ep.bias ? ep.bias[oc] : 0.f);
+  const __m512i corr = _mm512_set1_epi32(
+      static_cast<std::int32_t>(static_cast<std::uint32_t>(zp) * static_cast<std::uint32_t>(wsum)));
+  const __m512 lo = _mm512_set1_ps(ep.lo), hi = _mm512_set1_ps(ep.hi);
+  for (int oh = 0; oh < OH; ++oh) {
+    const std::uint8_t* row0 = xp + static_cast<std::ptrdiff_t>(oh * sh) * Wp;
+    float* o = out + static_cast<std::ptrdiff_t>(oh) * OW;
+    for (int ow = 0; ow < OW; ow += 16) {
+      __m512i acc = _mm512_setzero_si512();
+      const std::uint8_t* src = row0 + ow * sw;
+      // Full blocks read 15*sw + 4 bytes (at most 4 - kW past the padded row, into the next row
+      // or the plane's slack); the tail block only the bytes of its valid outputs.
+      const int valid = OW - ow < 16 ? OW - ow : 16;
+      const __mmask64 m = valid == 16 ? lmask : ((1ull << ((valid - 1) * sw + kW)) - 1ull);
+      for (int kh = 0; kh < kH; ++kh) {
+        __m512i v = _mm512_maskz_loadu_epi8(m, src + static_cast<std::ptrdiff_t>(kh * dh) * Wp);
+        v = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
+        acc = _mm512_dpbusd_epi32(acc, v, wv[kh]);
+      }
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, corr)), vs);
+      if (ep.bias) y = _mm512_add_ps(y, vb);
+      if (ep.act == Activation::Relu) {
+        y = _mm512_max_ps(y, _mm512_setzero_ps());
+      } else if (ep.act == Activation::Clip) {
+        y = _mm512_max_ps(y, lo);
+        y = _mm512_min_ps(y, hi);
+      }
+      _mm512_mask_storeu_ps(o + ow, col_mask(OW - ow), y);
+    }
+  }
+}
+
 }  // namespace avx512_isa
 
 const IsaOps& ops_avx512vnni() {
-  static const IsaOps ops{Isa::Avx512Vnni, avx512_isa::kMR, avx512_isa::kNR, avx512_isa::kNB, avx512_isa::kKR, 1,
-                          avx512_isa::tile, avx512_isa::minmax, avx512_isa::quant,
-                          avx512_isa::depthwise_generic};
+  static const IsaOps ops = [] {
+    IsaOps o{Isa::Avx512Vnni, avx512_isa::kMR, avx512_isa::kNR, avx512_isa::kNB, avx512_isa::kKR, 1,
+             avx512_isa::tile, avx512_isa::minmax, avx512_isa::quant, avx512_isa::depthwise};
+    o.conv_direct = avx512_isa::conv_direct;
+    o.conv_mt = avx512_isa::kCMR;
+    o.conv_qt = 16 * avx512_isa::kCNB;
+    o.conv_cg_align = 1;
+    o.quant_pack4 = avx512_isa::quant_pack4;
+    return o;
+  }();
   return ops;
 }
 

@@ -8,6 +8,9 @@
 //    used kH*kW times; quantizing once saves the divisions), then im2col gathers from it into
 //    the packed A block per row block, inside the GEMM task.
 //  * depthwise (one input channel per group): direct convolution on the padded u8 plane.
+//  * stride 1 on ISAs with a direct conv kernel (AVX512-VNNI, AMX): implicit GEMM with output
+//    channels as rows and pixels as columns (see DirectConv in internal.h), no im2col, the
+//    output stored straight into NCHW.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -27,7 +30,11 @@ class PackedConvImpl final : public PackedConv {
   bool depthwise = false;
   std::vector<std::shared_ptr<PackedB>> groups;  // GEMM path
   std::vector<std::int8_t> dw_w;                 // depthwise: [M][kH*kW]
-  std::vector<std::int32_t> dw_sum;              // depthwise: [M]
+  std::vector<std::int32_t> dw_sum;              // depthwise and direct: [M]
+  // Direct path: per group [Mp][Kd] weights, back to back.
+  bool direct = false;
+  int CGp = 0, Kd = 0, Mp = 0;
+  AlignedBuf<std::int8_t> d_w;
 };
 
 struct ConvCtx {
@@ -141,6 +148,104 @@ void depthwise_task(void* data, std::size_t ci) {
   }
 }
 
+// Direct path: quantize 4 channels of the image into one channel-group plane [L][4].
+struct PackCtx {
+  const ConvCtx* c;
+  std::uint8_t* Xq;  // [group * CGp][L][4]
+  std::ptrdiff_t L;
+};
+
+void direct_pack_task(void* data, std::size_t i) {
+  const PackCtx& k = *static_cast<const PackCtx*>(data);
+  const ConvCtx& c = *k.c;
+  const PackedConvImpl& w = *c.w;
+  const ConvParams& p = w.p;
+  const int Cg = p.C / p.group;
+  const int g = static_cast<int>(i) / w.CGp, cg = static_cast<int>(i) % w.CGp;
+  std::uint8_t* dst = k.Xq + static_cast<std::ptrdiff_t>(i) * k.L * 4;
+  const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
+  if (cg * 4 >= Cg) {  // padding channel group (zero weights): any value, keep it defined
+    std::memset(dst, z, static_cast<std::size_t>(k.L) * 4);
+    return;
+  }
+  const std::size_t plane = static_cast<std::size_t>(c.H) * c.W;
+  const float* x[4];
+  for (int j = 0; j < 4; ++j)
+    x[j] = cg * 4 + j < Cg ? c.X + static_cast<std::size_t>(g * Cg + cg * 4 + j) * plane : nullptr;
+  std::memset(dst, z, static_cast<std::size_t>(p.pad_top) * c.Wp * 4);
+  if (p.pad_left == 0 && p.pad_right == 0) {
+    w.ops->quant_pack4(x, c.H * c.W, c.scale, c.zpf, dst + static_cast<std::size_t>(p.pad_top) * c.Wp * 4);
+  } else {
+    for (int h = 0; h < c.H; ++h) {
+      std::uint8_t* row = dst + static_cast<std::size_t>(p.pad_top + h) * c.Wp * 4;
+      std::memset(row, z, static_cast<std::size_t>(p.pad_left) * 4);
+      const float* xr[4];
+      for (int j = 0; j < 4; ++j) xr[j] = x[j] ? x[j] + static_cast<std::size_t>(h) * c.W : nullptr;
+      w.ops->quant_pack4(xr, c.W, c.scale, c.zpf, row + static_cast<std::size_t>(p.pad_left) * 4);
+      std::memset(row + static_cast<std::size_t>(p.pad_left + c.W) * 4, z, static_cast<std::size_t>(p.pad_right) * 4);
+    }
+  }
+  const std::size_t used = static_cast<std::size_t>(p.pad_top + c.H) * c.Wp * 4;
+  std::memset(dst + used, z, static_cast<std::size_t>(k.L) * 4 - used);
+}
+
+struct DirectJob {
+  DirectConv d;
+  const IsaOps* ops;
+  int nqt, ntq, nto, mtiles;  // q tiles, task splits over q and oc, oc tiles
+};
+
+void direct_task(void* data, std::size_t i) {
+  const DirectJob& j = *static_cast<const DirectJob*>(data);
+  const IsaOps& o = *j.ops;
+  const int qi = static_cast<int>(i) / j.nto, oi = static_cast<int>(i) % j.nto;
+  const int q0 = static_cast<int>(static_cast<long long>(j.nqt) * qi / j.ntq) * o.conv_qt;
+  const int q1 = static_cast<int>(static_cast<long long>(j.nqt) * (qi + 1) / j.ntq) * o.conv_qt;
+  const int m0 = static_cast<int>(static_cast<long long>(j.mtiles) * oi / j.nto) * o.conv_mt;
+  const int m1 = static_cast<int>(static_cast<long long>(j.mtiles) * (oi + 1) / j.nto) * o.conv_mt;
+  if (q0 >= q1 || m0 >= m1) return;
+  if (o.task_begin) o.task_begin();
+  o.conv_direct(j.d, m0, m1, q0, q1);
+  if (o.task_end) o.task_end();
+}
+
+// Per-image min/max, split into chunks when threads are available (min/max is exact in any order).
+struct MinMaxCtx {
+  const IsaOps* ops;
+  const float* x;
+  std::size_t n, chunk;
+  float* lo;
+  float* hi;
+};
+
+void minmax_task(void* data, std::size_t i) {
+  const MinMaxCtx& m = *static_cast<const MinMaxCtx*>(data);
+  const std::size_t b = i * m.chunk, e = std::min(m.n, b + m.chunk);
+  float lo = 0.f, hi = 0.f;
+  if (b < e) m.ops->minmax(m.x + b, e - b, &lo, &hi);
+  m.lo[i] = lo;
+  m.hi[i] = hi;
+}
+
+void image_minmax(const IsaOps& o, const float* x, std::size_t n, const Parallel& par, float* lo, float* hi) {
+  const int degree = (par.run && par.degree > 1) ? par.degree : 1;
+  if (degree == 1 || n < 65536) {
+    o.minmax(x, n, lo, hi);
+    return;
+  }
+  const std::size_t chunks = static_cast<std::size_t>(2 * degree);
+  std::vector<float> l(chunks), h(chunks);
+  MinMaxCtx m{&o, x, n, (n + chunks - 1) / chunks, l.data(), h.data()};
+  par(minmax_task, chunks, &m);
+  float L = *lo, H = *hi;
+  for (std::size_t i = 0; i < chunks; ++i) {
+    L = l[i] < L ? l[i] : L;
+    H = h[i] > H ? h[i] : H;
+  }
+  *lo = L;
+  *hi = H;
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -161,6 +266,30 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
     w->dw_sum.assign(p.M, 0);
     for (int oc = 0; oc < p.M; ++oc)
       for (int k = 0; k < Kg; ++k) w->dw_sum[oc] += W[static_cast<std::size_t>(oc) * Kg + k];
+  } else if (w->ops->conv_direct && p.stride_h == 1 && p.stride_w == 1) {
+    const IsaOps& o = *w->ops;
+    const int taps = p.kH * p.kW;
+    w->direct = true;
+    w->CGp = round_up((Cg + 3) / 4, o.conv_cg_align);
+    w->Kd = taps * w->CGp * 4;
+    w->Mp = round_up(Mg, o.conv_mt);
+    const std::size_t per_group = static_cast<std::size_t>(w->Mp) * w->Kd;
+    w->d_w = aligned_alloc_n<std::int8_t>(per_group * p.group);
+    std::memset(w->d_w.get(), 0, per_group * p.group + 64);
+    w->dw_sum.assign(p.M, 0);
+    for (int g = 0; g < p.group; ++g)
+      for (int oc = 0; oc < Mg; ++oc) {
+        const std::int8_t* src = W + static_cast<std::size_t>(g * Mg + oc) * Kg;
+        std::int8_t* dst = w->d_w.get() + g * per_group + static_cast<std::size_t>(oc) * w->Kd;
+        std::int32_t sum = 0;
+        for (int c = 0; c < Cg; ++c)
+          for (int t = 0; t < taps; ++t) {
+            const std::int8_t v = src[c * taps + t];
+            dst[(t * w->CGp + c / 4) * 4 + c % 4] = v;
+            sum += v;
+          }
+        w->dw_sum[g * Mg + oc] = sum;
+      }
   } else {
     for (int g = 0; g < p.group; ++g)
       w->groups.push_back(pack_b(W + static_cast<std::size_t>(g) * Mg * Kg, Kg, Mg, 1, Kg, isa, nullptr));
@@ -186,13 +315,26 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
     throw std::invalid_argument("onnxopt: qconv2d_f32: input too small for the kernel");
   const std::vector<float> ws = expand_scale(stage, p.M);
   const int Mg = p.M / p.group;
-  const bool direct = p.kH == 1 && p.kW == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_top == 0 &&
-                      p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0 && !w->depthwise;
+  const bool direct = !w->direct && p.kH == 1 && p.kW == 1 && p.stride_h == 1 && p.stride_w == 1 &&
+                      p.pad_top == 0 && p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0 && !w->depthwise;
   const int Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
   const std::size_t in_img = static_cast<std::size_t>(p.C) * H * W;
   const std::size_t out_plane = static_cast<std::size_t>(OH) * OW;
   AlignedBuf<std::uint8_t> xp;
-  if (!direct) xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
+  // Direct path geometry: pixels q in [0, Nqp) over the padded width, each tap at a fixed offset.
+  std::vector<int> tap_off;
+  std::ptrdiff_t L = 0;
+  int Nqp = 0;
+  if (w->direct) {
+    const IsaOps& o = *w->ops;
+    for (int kh = 0; kh < p.kH; ++kh)
+      for (int kw = 0; kw < p.kW; ++kw) tap_off.push_back(kh * p.dil_h * Wp + kw * p.dil_w);
+    Nqp = round_up(OH * Wp, o.conv_qt);
+    L = round_up(std::max(Hp * Wp, Nqp + tap_off.back()), 16);
+    xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.group) * w->CGp * L * 4);
+  } else if (!direct) {
+    xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
+  }
 
   for (int n = 0; n < N; ++n) {
     ConvCtx c{};
@@ -205,7 +347,7 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
       c.zpf = static_cast<float>(x_zp ? *x_zp : 0);
     } else {
       float lo = 0.f, hi = 0.f;
-      w->ops->minmax(c.X, in_img, &lo, &hi);
+      image_minmax(*w->ops, c.X, in_img, par, &lo, &hi);
       dynamic_params(lo, hi, &c.scale, &c.zpf);
     }
     c.Y = Y + n * static_cast<std::size_t>(p.M) * out_plane;
@@ -214,6 +356,47 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
     c.ep.act = stage.act;
     c.ep.lo = stage.clip_lo;
     c.ep.hi = stage.clip_hi;
+    if (w->direct) {
+      PackCtx pk{&c, xp.get(), L};
+      par(direct_pack_task, static_cast<std::size_t>(p.group) * w->CGp, &pk);
+      const IsaOps& o = *w->ops;
+      const int degree = (par.run && par.degree > 1) ? par.degree : 1;
+      for (int g = 0; g < p.group; ++g) {
+        DirectJob j{};
+        DirectConv& d = j.d;
+        d.X = xp.get() + static_cast<std::ptrdiff_t>(g) * w->CGp * L * 4;
+        d.L = L;
+        d.W = w->d_w.get() + static_cast<std::size_t>(g) * w->Mp * w->Kd;
+        d.Kd = w->Kd;
+        d.CGp = w->CGp;
+        d.taps = p.kH * p.kW;
+        d.tap_off = tap_off.data();
+        d.Wp = Wp, d.OH = OH, d.OW = OW;
+        d.Mg = Mg;
+        d.wsum = w->dw_sum.data() + static_cast<std::size_t>(g) * Mg;
+        d.zp = static_cast<std::int32_t>(c.zpf);
+        d.a_scale = c.scale;
+        d.wscale = ws.data() + static_cast<std::size_t>(g) * Mg;
+        d.bias = stage.bias ? stage.bias + static_cast<std::size_t>(g) * Mg : nullptr;
+        d.act = stage.act;
+        d.lo = stage.clip_lo;
+        d.hi = stage.clip_hi;
+        d.Y = c.Y + static_cast<std::size_t>(g) * Mg * out_plane;
+        d.oplane = static_cast<std::ptrdiff_t>(out_plane);
+        j.ops = &o;
+        j.nqt = Nqp / o.conv_qt;
+        j.mtiles = w->Mp / o.conv_mt;
+        j.ntq = 1;
+        j.nto = 1;
+        if (degree > 1) {
+          const int target = 4 * degree;
+          j.ntq = std::min(j.nqt, target);
+          if (j.ntq < 2 * degree) j.nto = std::min(j.mtiles, (target + j.ntq - 1) / j.ntq);
+        }
+        par(direct_task, static_cast<std::size_t>(j.ntq) * j.nto, &j);
+      }
+      continue;
+    }
     if (!direct) par(pad_quant_task, static_cast<std::size_t>(p.C), &c);
     if (w->depthwise) {
       par(depthwise_task, static_cast<std::size_t>(p.C), &c);

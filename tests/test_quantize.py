@@ -223,3 +223,206 @@ def test_dynamic_onnxruntime_target_fuses_and_agrees():
 def test_bad_target_option():
     with pytest.raises(onnxopt.PassOptionError):
         onnxopt.get_pass("quantize_dynamic", target="gpu")
+
+
+# -------------------------------------------------------------------------------- quantize_static
+
+def digits_cnn(seed=0):
+    """A small CNN on scikit-learn's digits: random 3x3 convs (one grouped), last layer fitted by least
+    squares, so it classifies for real. Returns (model, calibration images, test images, labels)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x_all = (digits.images[:, None] / 16.0).astype(F32)
+    y_all = digits.target
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, 1, 3, 3)) * 0.5).astype(F32)
+    b1 = (rng.standard_normal(16) * 0.1).astype(F32)
+    w2 = (rng.standard_normal((32, 8, 3, 3)) * 0.25).astype(F32)  # group=2
+    b2 = (rng.standard_normal(32) * 0.1).astype(F32)
+    feat_nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["c1"], ["r1"]),
+                  helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], group=2),
+                  helper.make_node("Relu", ["c2"], ["r2"]),
+                  helper.make_node("Flatten", ["r2"], ["f"])]
+    feat_inits = [init("W1", w1), init("B1", b1), init("W2", w2), init("B2", b2)]
+    feat = make_model(feat_nodes, [vi("x", ["n", 1, 8, 8])], [vi("f", ["n", 512])], feat_inits)
+    f = verify.run(feat, {"x": x_all[:1200]})[0]
+    onehot = np.eye(10, dtype=F32)[y_all[:1200]]
+    a = np.concatenate([f, np.ones((len(f), 1), F32)], 1)
+    sol = np.linalg.solve(a.T @ a + 1.0 * np.eye(a.shape[1]), a.T @ onehot).astype(F32)
+    nodes = feat_nodes + [helper.make_node("Gemm", ["f", "W3", "B3"], ["y"])]
+    model = make_model(nodes, [vi("x", ["n", 1, 8, 8])], [vi("y", ["n", 10])],
+                       feat_inits + [init("W3", sol[:-1]), init("B3", sol[-1])])
+    return model, x_all[:1200], x_all[1200:], y_all[1200:]
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return digits_cnn()
+
+
+def calib(x, batch=100):
+    return [{"x": x[i:i + batch]} for i in range(0, len(x), batch)]
+
+
+def test_static_known_scales_zero_points_and_weights(cnn):
+    model, xcal, xte, yte = cnn
+    q = onnxopt.optimize(model, [onnxopt.get_pass("quantize_static", target="onnxopt", min_macs=0)],
+                         calibration=calib(xcal))
+    check_valid(model, q)
+    assert [n.op_type for n in q.graph.node] == ["QConv", "QConv", "Flatten", "QGemm"]
+    vals = inits(q)
+    c1, c2, _, g = q.graph.node
+    # the first conv reads the graph input: its range is the calibration data's
+    s, z = common.activation_params(xcal.min(), xcal.max())
+    assert vals[c1.input[4]] == s and vals[c1.input[5]] == z and z == 0
+    # the second conv's input is relu(conv1): range from the float model's intermediate tensor
+    feat = onnx.ModelProto()
+    feat.CopyFrom(model)
+    feat.graph.output.append(helper.make_tensor_value_info("r1", onnx.TensorProto.FLOAT, None))
+    r1 = verify.run(feat, {"x": xcal})[1]
+    s2, z2 = common.activation_params(r1.min(), r1.max())
+    assert vals[c2.input[4]] == s2 and vals[c2.input[5]] == z2
+    w2 = numpy_helper.to_array([t for t in model.graph.initializer if t.name == "W2"][0])
+    rq, rs = ref_weight(w2, 0)
+    np.testing.assert_array_equal(vals[c2.input[1]], rq)
+    np.testing.assert_array_equal(vals[c2.input[2]], rs)
+    np.testing.assert_array_equal(vals[c2.input[3]], numpy_helper.to_array(
+        [t for t in model.graph.initializer if t.name == "B2"][0]))
+    assert attr(c2, "activation") == "relu" and attr(c2, "group") == 2 and list(attr(c2, "strides")) == [2, 2]
+    assert attr(g, "activation") == "none" and len(g.input) == 6
+    ref = verify.run(model, {"x": xte})[0]
+    got = run_int8(q, {"x": xte})[0]
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert cosine(got, ref) > 0.99
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+    assert (got.argmax(1) == yte).mean() >= (ref.argmax(1) == yte).mean() - 0.03
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_static_both_targets_run_and_agree(cnn, method):
+    model, xcal, xte, _ = cnn
+    ref = verify.run(model, {"x": xte})[0]
+    outs = {}
+    for target in TARGETS:
+        q = onnxopt.optimize(model, [onnxopt.get_pass("quantize_static", target=target, method=method,
+                                                      min_macs=0)], calibration=calib(xcal))
+        check_valid(model, q)
+        outs[target] = run_int8(q, {"x": xte})[0]
+        assert cosine(outs[target], ref) > 0.99, (target, method)
+        assert (outs[target].argmax(1) == ref.argmax(1)).mean() >= 0.95
+    assert cosine(outs["onnxopt"], outs["onnxruntime"]) > 0.99
+
+
+def test_static_onnxruntime_target_is_fused_by_onnxruntime(cnn, tmp_path):
+    model, xcal, _, _ = cnn
+    q = onnxopt.optimize(model, [onnxopt.get_pass("quantize_static", target="onnxruntime", min_macs=0)],
+                         calibration=calib(xcal))
+    assert max(o.version for o in q.opset_import if o.domain == "") >= 13
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 2 and "QGemm" in fused
+    assert "Conv" not in fused and "Gemm" not in fused
+
+
+def test_static_matmul_rank3_onnxruntime_target():
+    model, w, b = mlp(seed=8, k=128, n=128)
+    rng = np.random.default_rng(9)
+    cal = [{"x": rng.standard_normal((2, 10, 128)).astype(F32)} for _ in range(4)]
+    x = rng.standard_normal((3, 10, 128)).astype(F32)
+    ref = verify.run(model, {"x": x})[0]
+    for target in TARGETS:
+        q = onnxopt.optimize(model, [onnxopt.get_pass("quantize_static", target=target)], calibration=cal)
+        check_valid(model, q)
+        got = run_int8(q, {"x": x})[0]
+        assert got.shape == ref.shape and cosine(got, ref) > 0.995
+
+
+class Reader:
+    """Like onnxruntime.quantization.CalibrationDataReader."""
+
+    def __init__(self, feeds):
+        self.feeds = list(feeds)
+        self.it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def test_calibration_sources_are_equivalent(cnn):
+    model, xcal, _, _ = cnn
+    feeds = calib(xcal[:300])
+    p = onnxopt.get_pass("quantize_static", target="onnxopt", min_macs=0)
+    results = [onnxopt.optimize(model, [p], calibration=src) for src in
+               (feeds, lambda: iter(feeds), Reader(feeds), (f for f in feeds))]
+    first = inits(results[0])
+    for r in results[1:]:
+        other = inits(r)
+        assert sorted(first) == sorted(other)
+        for k in first:
+            np.testing.assert_array_equal(first[k], other[k])
+
+
+@pytest.mark.parametrize("feeds, message", [
+    ([{"input": np.zeros((2, 1, 8, 8), F32)}], "unknown input(s) 'input'"),
+    ([{}], "missing input(s) 'x'"),
+    ([{"x": np.zeros((2, 1, 8, 8), np.float64)}], "dtype float64"),
+    ([{"x": np.zeros((2, 8, 8), F32)}], "rank 4"),
+    ([{"x": np.zeros((2, 3, 8, 8), F32)}], "shape [2, 3, 8, 8]"),
+    ([{"x": np.zeros((0, 1, 8, 8), F32)}], "empty"),
+    ([], "yielded no feeds"),
+    ([{"x": [[1.0]]}], "numpy array"),
+    (42, "iterable of feed dicts"),
+])
+def test_bad_calibration_raises_calibration_error(cnn, feeds, message):
+    model = cnn[0]
+    with pytest.raises(onnxopt.CalibrationError) as err:
+        onnxopt.optimize(model, [onnxopt.get_pass("quantize_static", min_macs=0)], calibration=feeds)
+    assert message in str(err.value)
+
+
+def test_static_without_calibration_is_an_error(cnn):
+    with pytest.raises(onnxopt.CalibrationError, match="need calibration"):
+        onnxopt.optimize(cnn[0], ["quantize_static"])
+
+
+def test_histogram_grows_exactly_and_percentile():
+    from onnxopt.passes.quantize.calibrate import Histogram
+
+    h = Histogram(bins=1024)
+    rng = np.random.default_rng(0)
+    data = [rng.uniform(0, 1, 10000), rng.uniform(-3, 5, 10000), np.array([40.0])]
+    for d in data:
+        h.add(d)
+    assert h.counts.sum() == sum(d.size for d in data)
+    assert h.lo <= data[1].min() and h.hi >= 40 and len(h.counts) == 1024
+    lo, hi = h.percentile_range(99.9)
+    assert -3.0 <= lo < -2.5 and 4.5 < hi <= 5.5  # the outlier at 40 is cut
+    assert h.percentile_range(100.0)[1] == 40.0
+
+
+def test_entropy_range_clips_outliers():
+    from onnxopt.passes.quantize.calibrate import Histogram
+
+    rng = np.random.default_rng(1)
+    h = Histogram()
+    h.add(np.abs(rng.standard_normal(200000)))  # relu-like: non-negative
+    h.add(np.array([50.0]))
+    lo, hi = h.entropy_range()
+    assert 0.0 <= lo < 1e-3 and 2.0 < hi < 25.0
+
+
+def test_int8_preset_picks_static_or_dynamic(cnn):
+    model, xcal, xte, _ = cnn
+    assert onnxopt.list_presets()["int8"] == ["default", "quantize_auto"]
+    q_static = onnxopt.optimize(model, ["int8"], calibration=calib(xcal))
+    assert "QConv" in [n.op_type for n in q_static.graph.node]
+    mlp_model = mlp(seed=10)[0]
+    q_dyn, report = onnxopt.optimize(mlp_model, ["int8"], return_report=True)
+    assert [n.op_type for n in q_dyn.graph.node] == ["QGemm"] or \
+        "DynamicQuantizeLinear" in [n.op_type for n in q_dyn.graph.node]
+    assert "dynamic quantization" in str(report)

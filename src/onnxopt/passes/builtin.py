@@ -11,5 +11,8 @@ from .base import _REGISTRY, pass_class, register_preset
 DEFAULT = [*cleanup.DEFAULT, *fold.DEFAULT, *fusion.DEFAULT]
 DEFAULT.sort(key=lambda name: pass_class(name).kind == "analysis")  # stable: only moves analysis last
 register_preset("default", DEFAULT)
+# int8: the exact pipeline first (Constant/Identity/BatchNorm gone, so real exports quantize fully),
+# then static quantization when calibration data is given, dynamic otherwise.
+register_preset("int8", ["default", "quantize_auto"])
 
 BUILTIN = frozenset(_REGISTRY)  # what onnxopt itself registers, before any user code runs

@@ -3,3 +3,4 @@
 Importing the package registers the passes. The lowering targets and numerics are in common.py.
 """
 from . import dynamic  # noqa: F401  (registers quantize_dynamic)
+from . import static  # noqa: F401  (registers quantize_static, quantize_auto)

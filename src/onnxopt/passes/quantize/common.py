@@ -17,7 +17,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..base import PassContext, PassOptionError, Refusal
-from ..cleanup import static_shape
 from ..fusion import _is_const
 
 F32 = np.float32
@@ -224,8 +223,8 @@ def find_site(node: gs.Node, graph: gs.Graph, ctx: PassContext, *, fold_bias: bo
             if not _is_const(ctx, node.inputs[2]):
                 return Refusal("Conv: bias is not a constant initializer")
             bias = np.asarray(ctx.value(node.inputs[2]), F32).reshape(-1)
-        out_shape = static_shape(node.outputs[0]) or ()
-        spatial = int(np.prod(out_shape[2:])) if len(out_shape) == 4 else 1
+        out_shape = node.outputs[0].shape or ()
+        spatial = int(np.prod([d for d in out_shape[2:] if isinstance(d, int) and d > 0] or [1]))
         kind, macs, axis, out_rank = "conv", spatial * int(np.prod(w.shape)), 1, 4
     n_ch = w.shape[1] if kind == "gemm" else w.shape[0]
     site = Site(node, kind, x, w_t, w, bias, [node], node.outputs[0], macs=macs, transposed=transposed)

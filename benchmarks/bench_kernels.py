@@ -140,6 +140,7 @@ def main():
     ap.add_argument("--ghz", default="3.65", help="core clock for the VNNI ceiling, or 'auto' to estimate it")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-numba", action="store_true", help="skip the numba backend column")
+    ap.add_argument("--only", choices=("gemm", "conv"), default=None, help="run only the GEMM or the conv table")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     target = 0.02 if args.quick else 0.05
@@ -155,7 +156,7 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
 
-    gemms = QUICK_GEMM if args.quick else GEMM_SHAPES
+    gemms = [] if args.only == "conv" else QUICK_GEMM if args.quick else GEMM_SHAPES
     print(f"\nGEMM (M,K,N)          ours1T  ours2T  mlas1T  mlas2T  fp32_1T fp32_2T  r1T   r2T  ceil1T  numba   [GOP/s]")
     for (M, Kd, N) in gemms:
         a = rng.integers(0, 256, (M, Kd)).astype(np.uint8)
@@ -183,7 +184,7 @@ def main():
               f"{fmt(g['fp32' + '1'])}{fmt(g['fp322'])} {r1:5.2f} {r2:5.2f} {100 * g['ours1'] / ceiling:6.1f}%"
               f"{fmt(numba_gops, 8, 2)}", flush=True)
 
-    convs = QUICK_CONVS if args.quick else CONVS
+    convs = [] if args.only == "gemm" else QUICK_CONVS if args.quick else CONVS
     print(f"\nConv (NCHW, N=1)      ours1T  ours2T  qlc1T   qlc2T   fp32_1T fp32_2T  r1T   r2T  vsfp32  [GOP/s]")
     for (name, C, M, HW, k, stride, pad, group) in convs:
         x = rng.standard_normal((1, C, HW, HW)).astype(np.float32)
@@ -212,6 +213,11 @@ def main():
     cr = [r for r in rows if r[0] == "conv"]
     geo = lambda v: float(np.exp(np.mean(np.log(v))))  # noqa: E731
     m16 = [r[2] for r in gr if r[1][0] >= 16]
+    if not gr or not cr:
+        part = gr or cr
+        print(f"\nSUMMARY {part[0][0] if part else ''} 1T geomean {geo([r[2] for r in part]):.2f}x, "
+              f"2T geomean {geo([r[3] for r in part]):.2f}x (partial run: --only)")
+        return
     print(f"\nSUMMARY gemm vs MLAS 1T: geomean {geo([r[2] for r in gr]):.2f}x, min(M>=16) "
           f"{min(m16) if m16 else float('nan'):.2f}x, M=1 {[round(r[2], 2) for r in gr if r[1][0] == 1]}; "
           f"2T geomean {geo([r[3] for r in gr]):.2f}x; best VNNI-ceiling fraction 1T {100 * max(r[4] for r in gr):.0f}% "

@@ -245,6 +245,32 @@ def test_qgemm_f32_bit_exact(isa, static):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_quantize_near_ties(isa):
+    # x within a few ulps of (n + 0.5) * s: the AVX-512 path multiplies by 1/s and must fall back to
+    # the division exactly where that could round differently; also huge/tiny scales and specials.
+    rng = np.random.default_rng(31)
+    for s in (F32(0.37), F32(1 / 3), F32(0.0123457), F32(7.1e-3), F32(1.0), F32(3e-20), F32(2e19), F32(1e-30),
+              F32(1e30), F32(0.999999), np.nextafter(F32(0.1), F32(1))):
+        n = rng.integers(-300, 300, 4000).astype(F32)
+        x = ((n + F32(0.5)) * s).astype(F32)
+        steps = rng.integers(-3, 4, x.size)
+        x = np.array([v if k == 0 else (np.nextafter(v, F32(np.inf) if k > 0 else F32(-np.inf)) if abs(k) == 1 else
+                      np.nextafter(np.nextafter(v, F32(np.copysign(np.inf, k))), F32(np.copysign(np.inf, k))))
+                      for v, k in zip(x, steps)], F32)
+        x = np.concatenate([x, (rng.standard_normal(997) * 100 * s).astype(F32),
+                            np.array([0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38, np.inf, -np.inf], F32)])
+        for z in (0, 128, 255):
+            assert_bits(K.quantize_static(x, s, z, isa=isa), ref_quant(x, s, z))
+    x = (rng.standard_normal((5, 1001)) * 3).astype(F32)
+    x[1] = np.round(x[1] * 8) / 8  # many exact ties after scaling by powers of two
+    q, sc, zp = K.quantize_rows_dynamic(x, isa=isa)
+    rq, rsc, rzp = ref_quant_rows(x)
+    assert_bits(q, rq)
+    for m in range(x.shape[0]):  # exact half-integers of each row's own scale
+        xt = ((np.arange(-200, 200, dtype=F32) + F32(0.5)) * sc[m]).astype(F32)
+        assert_bits(K.quantize_static(xt, sc[m], zp[m], isa=isa), ref_quant(xt, sc[m], zp[m]))
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_quantize_bit_exact(isa):
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((6, 77)) * 2).astype(F32)

@@ -108,27 +108,56 @@ void minmax(const float* x, std::size_t n, float* lo, float* hi) {
   *hi = hi_;
 }
 
-static inline __m128i quant16(__m512 x, __m512 vs, __m512 vz) {
-  __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  q = _mm512_add_ps(q, vz);
+// nearbyint(x / s) without a division per element where that is provably the same: q' = x * r
+// with r = fl(1/s) is within 2^-22 |x/s| of x/s, and fl(x/s) within 2^-24 |x/s|, so when q' is
+// farther than |q'| * 2^-19 (+ 2^-24) from every half-integer, fl(x/s) lies strictly inside the
+// same rounding interval and both round to the same integer. Lanes closer than that (about 1 in
+// 1000 for |x/s| <= 255), NaN/Inf, and scales outside [2^-60, 2^60] take the exact division.
+struct QuantScale {
+  __m512 vs, vr, vz;
+  bool fast;
+  QuantScale(float scale, float zpf)
+      : vs(_mm512_set1_ps(scale)), vr(_mm512_set1_ps(1.f / scale)), vz(_mm512_set1_ps(zpf)),
+        fast(scale >= 0x1p-60f && scale <= 0x1p60f) {}
+};
+
+static inline __m512 round_div(__m512 x, const QuantScale& qs) {
+  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if (qs.fast) {
+    const __m512 q = _mm512_mul_ps(x, qs.vr);
+    const __m512 f = _mm512_sub_ps(q, _mm512_roundscale_ps(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    const __m512 d = _mm512_abs_ps(_mm512_sub_ps(f, _mm512_set1_ps(0.5f)));
+    const __m512 margin = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(q), _mm512_set1_ps(0x1p-19f)),
+                                        _mm512_set1_ps(0x1p-24f));
+    const __mmask16 ok = _mm512_cmp_ps_mask(d, margin, _CMP_GT_OQ);  // false for NaN
+    const __m512 r = _mm512_roundscale_ps(q, kNear);
+    if (ok == 0xFFFF) return r;
+    return _mm512_mask_roundscale_ps(r, static_cast<__mmask16>(~ok), _mm512_div_ps(x, qs.vs), kNear);
+  }
+  return _mm512_roundscale_ps(_mm512_div_ps(x, qs.vs), kNear);
+}
+
+static inline __m128i quant16(__m512 x, const QuantScale& qs) {
+  __m512 q = round_div(x, qs);
+  q = _mm512_add_ps(q, qs.vz);
   q = _mm512_max_ps(q, _mm512_setzero_ps());
   q = _mm512_min_ps(q, _mm512_set1_ps(255.f));
   return _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q));
 }
 
 void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* q) {
-  const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zpf);
+  const QuantScale qs(scale, zpf);
   std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), quant16(_mm512_loadu_ps(x + i), vs, vz));
+  for (; i + 16 <= n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), quant16(_mm512_loadu_ps(x + i), qs));
   if (i < n) {
     const __mmask16 m = col_mask(static_cast<int>(n - i));
-    _mm_mask_storeu_epi8(q + i, m, quant16(_mm512_maskz_loadu_ps(m, x + i), vs, vz));
+    _mm_mask_storeu_epi8(q + i, m, quant16(_mm512_maskz_loadu_ps(m, x + i), qs));
   }
 }
 
 // 4 channel rows -> [n][4] u8 (channel-interleaved pixels) for the direct conv.
 void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint8_t* dst) {
-  const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zpf);
+  const QuantScale qs(scale, zpf);
   const __m128i zq = _mm_set1_epi8(static_cast<char>(static_cast<std::uint8_t>(zpf)));
   int i = 0;
   for (; i < n; i += 16) {
@@ -137,7 +166,7 @@ void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint
     __m128i q[4];
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c)
-      q[c] = x[c] ? quant16(rem >= 16 ? _mm512_loadu_ps(x[c] + i) : _mm512_maskz_loadu_ps(m, x[c] + i), vs, vz) : zq;
+      q[c] = x[c] ? quant16(rem >= 16 ? _mm512_loadu_ps(x[c] + i) : _mm512_maskz_loadu_ps(m, x[c] + i), qs) : zq;
     const __m128i a = _mm_unpacklo_epi8(q[0], q[1]), b = _mm_unpackhi_epi8(q[0], q[1]);
     const __m128i c = _mm_unpacklo_epi8(q[2], q[3]), e = _mm_unpackhi_epi8(q[2], q[3]);
     __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(a, c));

@@ -26,8 +26,10 @@ using onnxopt::Isa;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Thread pool: workers sleep on a condition variable; a call publishes a job, the caller works on
-// it too, and returns once every helper that joined has left the job.
+// Thread pool: one reusable job slot. A call publishes the job (generation counter), works on it
+// too, closes it and waits until every helper that joined has left. Idle workers spin on the
+// generation for ~200 us before sleeping on a condition variable, so back-to-back calls (a model's
+// layers) do not pay a futex wake-up per call; the caller spins (then yields) while helpers finish.
 class Pool {
  public:
   static Pool& get() {
@@ -38,31 +40,47 @@ class Pool {
   void run(void (*fn)(void*, std::size_t), std::size_t total, void* data, int degree) {
     std::lock_guard<std::mutex> call(call_mu_);
     ensure_workers(degree - 1);
-    Job job{fn, data, total, degree - 1};
-    {
+    // Between calls the slot is closed and no helper is active: the fields are ours to write.
+    slot_.fn = fn;
+    slot_.data = data;
+    slot_.total = total;
+    slot_.max_helpers = degree - 1;
+    slot_.next.store(0);
+    slot_.joined.store(0);
+    slot_.closed.store(false);  // fields complete: a helper that sees the slot open may join
+    gen_.fetch_add(1);
+    if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lk(mu_);
-      job_ = &job;
-      ++gen_;
+      cv_.notify_all();
     }
-    cv_.notify_all();
-    work(job);
-    std::unique_lock<std::mutex> lk(mu_);
-    job_ = nullptr;
-    done_cv_.wait(lk, [&] { return job.active == 0; });
+    work(slot_);
+    slot_.closed.store(true);
+    for (unsigned spins = 0; slot_.active.load() != 0; ++spins) {
+      if (spins < 4096)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
   }
 
  private:
-  struct Job {
-    void (*fn)(void*, std::size_t);
-    void* data;
-    std::size_t total;
-    int max_helpers;
+  struct Slot {
+    void (*fn)(void*, std::size_t) = nullptr;
+    void* data = nullptr;
+    std::size_t total = 0;
+    int max_helpers = 0;
     std::atomic<std::size_t> next{0};
-    int joined = 0, active = 0;  // guarded by mu_
-    Job(void (*f)(void*, std::size_t), void* d, std::size_t t, int m) : fn(f), data(d), total(t), max_helpers(m) {}
+    std::atomic<int> joined{0}, active{0};
+    std::atomic<bool> closed{true};
   };
 
-  static void work(Job& j) {
+  static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  static void work(Slot& j) {
     for (;;) {
       const std::size_t i = j.next.fetch_add(1);
       if (i >= j.total) return;
@@ -70,34 +88,49 @@ class Pool {
     }
   }
 
+  // A helper counts itself active before looking at the slot; the caller closes the slot before
+  // waiting for active == 0, so a helper either sees it closed and backs out or is waited for.
+  // (Seeing an open slot of a newer generation is fine: its fields are complete by then.)
+  void join() {
+    slot_.active.fetch_add(1);
+    if (!slot_.closed.load() && slot_.joined.fetch_add(1) < slot_.max_helpers) work(slot_);
+    slot_.active.fetch_sub(1);
+  }
+
   void ensure_workers(int n) {
     while (static_cast<int>(workers_.size()) < n) workers_.emplace_back([this] { loop(); });
   }
 
   void loop() {
-    std::uint64_t seen = 0;
+    std::uint64_t seen = gen_.load();
     for (;;) {
-      Job* j;
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return gen_ != seen; });
-        seen = gen_;
-        j = job_;
-        if (!j || j->joined >= j->max_helpers) continue;
-        ++j->joined;
-        ++j->active;
+      const auto t0 = std::chrono::steady_clock::now();
+      bool woke = false;
+      for (unsigned spins = 0;; ++spins) {
+        if (gen_.load() != seen) {
+          woke = true;
+          break;
+        }
+        cpu_relax();
+        if ((spins & 63) == 63 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(200)) break;
       }
-      work(*j);
-      std::lock_guard<std::mutex> lk(mu_);
-      if (--j->active == 0) done_cv_.notify_all();
+      if (!woke) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleepers_.fetch_add(1);
+        cv_.wait(lk, [&] { return gen_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = gen_.load();
+      join();
     }
   }
 
   std::mutex call_mu_, mu_;
-  std::condition_variable cv_, done_cv_;
+  std::condition_variable cv_;
   std::vector<std::thread> workers_;
-  Job* job_ = nullptr;
-  std::uint64_t gen_ = 0;
+  Slot slot_;
+  std::atomic<std::uint64_t> gen_{0};
+  std::atomic<int> sleepers_{0};
 };
 
 int g_default_threads = 1;

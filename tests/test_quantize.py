@@ -426,3 +426,18 @@ def test_int8_preset_picks_static_or_dynamic(cnn):
     assert [n.op_type for n in q_dyn.graph.node] == ["QGemm"] or \
         "DynamicQuantizeLinear" in [n.op_type for n in q_dyn.graph.node]
     assert "dynamic quantization" in str(report)
+
+
+def test_static_onnxruntime_target_keeps_an_unrepresentable_bias_in_float():
+    """Activations so small that bias / (x_scale * w_scale) overflows int32: the bias stays a float Add."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((128, 64)).astype(F32)
+    b = rng.standard_normal(64).astype(F32)
+    model = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["y"])], [vi("x", ["n", 128])],
+                       [vi("y", ["n", 64])], [init("W", w), init("b", b)])
+    cal = [{"x": (rng.standard_normal((4, 128)) * 1e-12).astype(F32)}]
+    q = onnxopt.optimize(model, [onnxopt.get_pass("quantize_static", target="onnxruntime")], calibration=cal)
+    check_valid(model, q)
+    assert "Add" in [n.op_type for n in q.graph.node]
+    x = (rng.standard_normal((3, 128)) * 1e-12).astype(F32)
+    assert cosine(run_int8(q, {"x": x})[0], verify.run(model, {"x": x})[0]) > 0.999

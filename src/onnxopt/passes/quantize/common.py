@@ -412,10 +412,14 @@ def lower_static_ort(em: Emitter, site: Site, xd: gs.Variable, x_scale: np.float
         n = len(ws)
         bscale = (F32(x_scale) * ws).astype(F32)
         b = site.bias if site.bias is not None else np.zeros(n, F32)
-        bq = np.clip(np.rint(b / bscale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
-        bd = em.var("b_dq", F32, [n])
-        em.node("DequantizeLinear", [em.const("bias_q", bq), em.const("bias_scale", bscale)], [bd],
-                f"{base}_bDQ", axis=0)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            bq64 = np.rint(b.astype(np.float64) / bscale.astype(np.float64))
+        float_bias = not np.all(np.isfinite(bq64)) or np.abs(bq64).max(initial=0) >= 2**31 - 1
+        bd = None
+        if not float_bias:  # the int32 bias onnxruntime's QGemm wants (scale x_scale * w_scale)
+            bd = em.var("b_dq", F32, [n])
+            em.node("DequantizeLinear", [em.const("bias_q", bq64.astype(np.int32)), em.const("bias_scale", bscale)],
+                    [bd], f"{base}_bDQ", axis=0)
         rank = len(site.x.shape)
         inp = xd
         if rank > 2:
@@ -423,7 +427,7 @@ def lower_static_ort(em: Emitter, site: Site, xd: gs.Variable, x_scale: np.float
             em.node("Reshape", [xd, em.const("shape", np.array([-1, site.weight.shape[0]], np.int64))], [inp],
                     f"{base}_flatten")
         y = em.var("y", F32)
-        last = em.node("Gemm", [inp, wd, bd], [y], f"{base}_gemm")
+        last = em.node("Gemm", [inp, wd] + ([bd] if bd is not None else []), [y], f"{base}_gemm")
         if rank > 2:
             shp = em.var("xshape", np.int64, [rank])
             em.node("Shape", [site.x], [shp], f"{base}_shape")
@@ -435,6 +439,7 @@ def lower_static_ort(em: Emitter, site: Site, xd: gs.Variable, x_scale: np.float
             y2 = em.var("y", F32)
             last = em.node("Reshape", [y, oshape], [y2], f"{base}_unflatten")
             y = y2
-        site = dataclasses.replace(site, bias=None)
+        if not float_bias:
+            site = dataclasses.replace(site, bias=None)
     last = _tail_ort(em, site, last, y, base)
     em.take_over(site, last)

@@ -1,0 +1,255 @@
+"""End-to-end int8: onnxopt's quantization vs onnxruntime fp32 and onnxruntime's own quantizer, per model.
+
+    PYTHONPATH=src python benchmarks/bench_e2e.py MODEL.onnx [...] [--data digits_data.npz]
+        [--threads 1] [--rounds 7] [--calib 16] [--variants ...]
+
+For every model, in one process:
+  fp32            the original model in onnxruntime (ORT_ENABLE_ALL)
+  oo-static       onnxopt "int8" preset with calibration, target onnxopt (com.onnxopt QConv/QGemm)
+  oo-static-ort   the same, target onnxruntime (standard QDQ fused by onnxruntime)
+  oo-dynamic      onnxopt "int8" preset without calibration (MatMul/Gemm only), target onnxopt
+  ort-dynamic     onnxruntime.quantization.quantize_dynamic (QInt8 weights)
+  ort-static      onnxruntime.quantization.quantize_static (QDQ, per-channel s8 weights, u8 activations)
+Latency: batch 1 (symbolic sequence length 128), every variant's session created once, then rounds in
+which the variants run interleaved, each a timed batch of calls sized to ~0.2 s; the median over rounds.
+session.intra_op.allow_spinning=0. Size: bytes of the model with its weights. Fidelity on held-out
+inputs: cosine of the first output against fp32 and top-1 agreement; with --data (digits_data.npz:
+Xtr/ytr/Xte/yte) for a model whose input is [b, 1, 8, 8], test accuracy, and the calibration uses Xtr.
+Calibration for other models: random inputs (normal images, random token ids), so their fidelity
+figures say how the numerics hold, not how a trained net's accuracy would. Ends with a summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+import onnxopt  # noqa: E402
+from onnxopt import ir, runtime, verify  # noqa: E402
+
+SEQ = 128
+VARIANTS = ["fp32", "oo-static", "oo-static-ort", "oo-dynamic", "ort-dynamic", "ort-static"]
+
+
+def make_feed(specs, rng, batch=1):
+    feed = {}
+    for name, dtype, shape in specs:
+        dims = []
+        for i, d in enumerate(shape or []):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            else:
+                dims.append(batch if i == 0 else SEQ)
+        if dtype.kind == "f":
+            feed[name] = rng.standard_normal(dims).astype(dtype)
+        elif "mask" in name.lower():
+            feed[name] = np.ones(dims, dtype)
+        else:
+            feed[name] = rng.integers(0, 1000, dims).astype(dtype)
+    return feed
+
+
+def session(model_or_path, threads):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    if isinstance(model_or_path, onnx.ModelProto) and runtime.uses_custom_ops(model_or_path):
+        return runtime.InferenceSession(model_or_path, sess_options=so, providers=["CPUExecutionProvider"])
+    if isinstance(model_or_path, onnx.ModelProto):
+        if ir.needs_external(model_or_path):
+            d = tempfile.mkdtemp(prefix="bench-e2e-")
+            path = os.path.join(d, "m.onnx")
+            ir.save(model_or_path, path)
+            model_or_path = path
+        else:
+            model_or_path = model_or_path.SerializeToString()
+    return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
+
+
+def size_of(model_or_path):
+    if isinstance(model_or_path, onnx.ModelProto):
+        return ir.model_size(model_or_path)
+    total = os.path.getsize(model_or_path)
+    data = model_or_path + ".data"
+    return total + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+class Reader:
+    def __init__(self, feeds):
+        self.feeds = feeds
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.feeds)
+
+
+def build_variants(path, calib, threads, wanted, tmp):
+    """name -> (model or path) for every variant that could be built; errors reported, not raised."""
+    out, errors = {}, {}
+    t_opt = {}
+    src = onnx.load(path, load_external_data=True)
+    if "fp32" in wanted:
+        out["fp32"] = path
+    builders = {
+        "oo-static": lambda: onnxopt.optimize(src, ["default", onnxopt.get_pass("quantize_auto", target="onnxopt",
+                                                                                 progress=False)], calibration=calib),
+        "oo-static-ort": lambda: onnxopt.optimize(src, ["default", onnxopt.get_pass(
+            "quantize_auto", target="onnxruntime", progress=False)], calibration=calib),
+        "oo-dynamic": lambda: onnxopt.optimize(src, ["default", onnxopt.get_pass("quantize_auto", target="onnxopt")]),
+        "ort-dynamic": lambda: _ort_dynamic(path, tmp),
+        "ort-static": lambda: _ort_static(path, tmp, calib),
+    }
+    for name, build in builders.items():
+        if name not in wanted:
+            continue
+        t0 = time.perf_counter()
+        try:
+            out[name] = build()
+            t_opt[name] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - a failing quantizer is a result
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            if os.environ.get("BENCH_DEBUG"):
+                traceback.print_exc()
+    return out, errors, t_opt
+
+
+def _ort_dynamic(path, tmp):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = os.path.join(tmp, os.path.basename(path) + ".ortdyn.onnx")
+    quantize_dynamic(path, dst, weight_type=QuantType.QInt8, use_external_data_format=False)
+    return dst
+
+
+def _ort_static(path, tmp, calib):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    dst = os.path.join(tmp, os.path.basename(path) + ".ortstat.onnx")
+    quantize_static(path, dst, Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return dst
+
+
+def timed(sess, feed, seconds=0.2):
+    sess.run(None, feed)
+    t0 = time.perf_counter()
+    n = 0
+    while True:
+        sess.run(None, feed)
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return dt / n
+
+
+def bench_model(path, args, digits):
+    rng = np.random.default_rng(0)
+    proto = onnx.load(path, load_external_data=False)
+    specs = verify.input_specs(proto)
+    is_digits = digits is not None and len(specs) == 1 and list(specs[0][2] or [])[1:] == [1, 8, 8]
+    name0 = specs[0][0]
+    if is_digits:
+        calib = [{name0: digits["Xtr"][i:i + 64].astype(np.float32)} for i in range(0, len(digits["Xtr"]), 64)]
+        evals = [{name0: digits["Xte"].astype(np.float32)}]
+        lat_feed = {name0: digits["Xte"][:1].astype(np.float32)}
+    else:
+        calib = [make_feed(specs, rng) for _ in range(args.calib)]
+        evals = [make_feed(specs, rng) for _ in range(args.evals)]
+        lat_feed = evals[0]
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        models, errors, t_opt = build_variants(path, calib, args.threads, args.variants, tmp)
+        sessions = {}
+        for k, m in models.items():
+            try:
+                sessions[k] = session(m, args.threads)
+            except Exception as e:  # noqa: BLE001
+                errors[k] = f"session: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        rows = {}
+        ref = [sessions["fp32"].run(None, f)[0] for f in evals] if "fp32" in sessions else None
+        for k, s in sessions.items():
+            try:
+                outs = [s.run(None, f)[0] for f in evals]
+            except Exception as e:  # noqa: BLE001
+                errors[k] = f"run: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                continue
+            row = {"size": size_of(models[k])}
+            if ref is not None:
+                a = np.concatenate([np.asarray(r, np.float64).ravel() for r in ref])
+                b = np.concatenate([np.asarray(o, np.float64).ravel() for o in outs])
+                row["cos"] = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+                if ref[0].ndim >= 2:
+                    row["top1"] = float(np.mean([np.mean(r.argmax(-1) == o.argmax(-1)) for r, o in zip(ref, outs)]))
+            if is_digits:
+                row["acc"] = float(np.mean(outs[0].argmax(-1) == digits["yte"]))
+            rows[k] = row
+        sessions = {k: s for k, s in sessions.items() if k in rows}
+        lat = {k: [] for k in sessions}
+        for _ in range(args.rounds):
+            for k, s in sessions.items():
+                lat[k].append(timed(s, lat_feed))
+        for k in sessions:
+            rows[k]["ms"] = statistics.median(lat[k]) * 1e3
+            rows[k]["opt_s"] = t_opt.get(k)
+    return rows, errors
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data", help="digits_data.npz (Xtr/ytr/Xte/yte) for the digits CNN")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calib", type=int, default=8, help="calibration batches (random inputs)")
+    ap.add_argument("--evals", type=int, default=4, help="held-out random inputs for fidelity")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    if "fp32" not in args.variants:
+        args.variants.insert(0, "fp32")
+    digits = dict(np.load(args.data)) if args.data else None
+    print(f"onnxruntime {ort.__version__}, native ops: {runtime.custom_ops_library() is not None}, "
+          f"threads {args.threads}, rounds {args.rounds}, batch 1")
+    hdr = f"{'model':<18} {'variant':<14} {'ms':>9} {'x fp32':>7} {'MB':>8} {'size':>6} {'cos':>8} {'top1':>6} {'acc':>6}"
+    print(hdr)
+    summary = []
+    for path in args.models:
+        name = os.path.splitext(os.path.basename(path))[0]
+        rows, errors = bench_model(path, args, digits)
+        base = rows.get("fp32", {})
+        for k in args.variants:
+            if k in errors:
+                print(f"{name:<18} {k:<14} FAILED {errors[k]}")
+                continue
+            r = rows.get(k)
+            if r is None:
+                continue
+            ratio = base["ms"] / r["ms"] if base.get("ms") else float("nan")
+            rel = r["size"] / base["size"] if base.get("size") else float("nan")
+            acc = f"{r['acc'] * 100:6.2f}" if "acc" in r else f"{'':>6}"
+            top1 = f"{r['top1']:6.3f}" if "top1" in r else f"{'':>6}"
+            print(f"{name:<18} {k:<14} {r['ms']:9.3f} {ratio:7.2f} {r['size'] / 1e6:8.1f} {rel:6.3f} "
+                  f"{r.get('cos', float('nan')):8.5f} {top1} {acc}")
+            if k != "fp32":
+                summary.append(f"{name}/{k}={ratio:.2f}x")
+        sys.stdout.flush()
+    print("summary (speed over ORT fp32, >1 is faster): " + " ".join(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -300,6 +300,17 @@ CONV_CASES = [
     dict(C=16, M=17, group=1, k=(1, 1), strides=(2, 2), pads=(0, 0, 0, 0), dil=(1, 1), H=6, W=7),
     dict(C=12, M=6, group=3, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=4, W=4),
     dict(C=33, M=70, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=8, W=8),
+    # direct (implicit GEMM) path: >64 channels (two AMX channel blocks), ragged M, dilation, 1x1 wide C
+    dict(C=70, M=40, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=6, W=9),
+    dict(C=10, M=9, group=1, k=(3, 3), strides=(1, 1), pads=(2, 2, 2, 2), dil=(2, 2), H=7, W=19),
+    dict(C=130, M=33, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=3, W=17),
+    dict(C=8, M=6, group=2, k=(2, 3), strides=(1, 1), pads=(0, 2, 1, 0), dil=(1, 1), H=5, W=6),
+    # depthwise vpdpbusd path: rows wider than a vector with tails, row blocks with remainders,
+    # channel multiplier, stride 2, kW = 4, height dilation
+    dict(C=6, M=12, group=6, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=11, W=37),
+    dict(C=5, M=5, group=5, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=13, W=45),
+    dict(C=3, M=3, group=3, k=(4, 4), strides=(1, 1), pads=(2, 1, 1, 2), dil=(1, 1), H=9, W=20),
+    dict(C=4, M=4, group=4, k=(3, 3), strides=(1, 1), pads=(2, 2, 2, 2), dil=(2, 1), H=8, W=21),
 ]
 
 

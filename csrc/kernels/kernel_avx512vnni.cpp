@@ -221,9 +221,64 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
   }
 }
 
-// Depthwise with vpdpbusd: one output row, 16 pixels per vector; each 32-bit lane gathers the
-// 4 input bytes under one kernel row (kW <= 4 taps, the rest weighted 0) with vpermd + vpshufb,
-// so a kernel row costs one vpdpbusd. Other geometries use the generic loops.
+// Depthwise with vpdpbusd: 16 outputs of a row per vector; each 32-bit lane gathers the 4 input
+// bytes under one kernel row (kW <= 4 taps, the rest weighted 0) with vpermd + vpshufb, so a
+// kernel row costs one vpdpbusd. R output rows are computed together: each input row is loaded
+// and shuffled once and feeds every output row it belongs to. Other geometries: generic loops.
+struct DwCtx {
+  __m512i wv[16];
+  __m512i perm, shuf, corr;
+  __m512 vs, vb, lo, hi;
+  bool bias;
+  Activation act;
+  __mmask64 lmask;
+  int sw, kW;
+};
+
+static inline __m512i dw_prep(const DwCtx& c, const std::uint8_t* src, __mmask64 m) {
+  return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(c.perm, _mm512_maskz_loadu_epi8(m, src)), c.shuf);
+}
+
+static inline void dw_store(const DwCtx& c, __m512i acc, float* o, __mmask16 m) {
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, c.corr)), c.vs);
+  if (c.bias) y = _mm512_add_ps(y, c.vb);
+  if (c.act == Activation::Relu) {
+    y = _mm512_max_ps(y, _mm512_setzero_ps());
+  } else if (c.act == Activation::Clip) {
+    y = _mm512_max_ps(y, c.lo);
+    y = _mm512_min_ps(y, c.hi);
+  }
+  _mm512_mask_storeu_ps(o, m, y);
+}
+
+// Rows [oh0, oh0 + nr) with compile-time kernel height KH and row stride SH (unit dilation).
+template <int KH, int SH>
+static void dw_block(const DwCtx& c, const std::uint8_t* xp, int Wp, int oh0, int nr, int OW, float* out) {
+  constexpr int R = 4, NIN = (R - 1) * SH + KH;
+  const int nin = (nr - 1) * SH + KH;  // input rows actually needed (never past the padded plane)
+  const std::uint8_t* base = xp + static_cast<std::ptrdiff_t>(oh0 * SH) * Wp;
+  for (int ow = 0; ow < OW; ow += 16) {
+    const int valid = OW - ow < 16 ? OW - ow : 16;
+    const __mmask64 m = valid == 16 ? c.lmask : ((1ull << ((valid - 1) * c.sw + c.kW)) - 1ull);
+    const std::uint8_t* src = base + ow * c.sw;
+    __m512i acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int j = 0; j < NIN; ++j) {
+      if (j >= nin) break;
+      const __m512i v = dw_prep(c, src + static_cast<std::ptrdiff_t>(j) * Wp, m);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const int kh = j - r * SH;
+        if (kh >= 0 && kh < KH) acc[r] = _mm512_dpbusd_epi32(acc[r], v, c.wv[kh]);
+      }
+    }
+    const __mmask16 om = col_mask(valid);
+    for (int r = 0; r < nr; ++r) dw_store(c, acc[r], out + static_cast<std::ptrdiff_t>(oh0 + r) * OW + ow, om);
+  }
+}
+
 static void depthwise(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw, int dh,
                       int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
                       const Epilogue& ep, float* out, std::int32_t* scratch) {
@@ -231,51 +286,50 @@ static void depthwise(const std::uint8_t* xp, int Wp, const std::int8_t* w, int 
     depthwise_generic(xp, Wp, w, kH, kW, sh, sw, dh, dw, OH, OW, wsum, zp, a_scale, oc, ep, out, scratch);
     return;
   }
-  __m512i wv[16];
+  DwCtx c;
   for (int kh = 0; kh < kH; ++kh) {
     std::uint8_t b[4] = {0, 0, 0, 0};
     for (int kw = 0; kw < kW; ++kw) b[kw] = static_cast<std::uint8_t>(w[kh * kW + kw]);
     std::int32_t v;
     std::memcpy(&v, b, 4);
-    wv[kh] = _mm512_set1_epi32(v);
+    c.wv[kh] = _mm512_set1_epi32(v);
   }
-  const __m512i perm = sw == 1 ? _mm512_setr_epi32(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6)
-                               : _mm512_setr_epi32(0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 8, 9);
-  const __m512i shuf = sw == 1 ? _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6))
-                               : _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 8, 9));
-  // Bytes a block of 16 outputs reads from one input row (masked load: no over-read).
-  const int need = 15 * sw + 4;
-  const __mmask64 lmask = (need >= 64) ? ~0ull : ((1ull << need) - 1ull);
-  const float s = a_scale * ep.wscale[oc];
-  const __m512 vs = _mm512_set1_ps(s);
-  const __m512 vb = _mm512_set1_ps(ep.bias ? ep.bias[oc] : 0.f);
-  const __m512i corr = _mm512_set1_epi32(
-      static_cast<std::int32_t>(static_cast<std::uint32_t>(zp) * static_cast<std::uint32_t>(wsum)));
-  const __m512 lo = _mm512_set1_ps(ep.lo), hi = _mm512_set1_ps(ep.hi);
+  c.perm = sw == 1 ? _mm512_setr_epi32(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6)
+                   : _mm512_setr_epi32(0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 8, 9);
+  c.shuf = sw == 1 ? _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6))
+                   : _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 8, 9));
+  // Bytes a full block of 16 outputs reads from one input row: at most 4 - kW past the padded
+  // row (into the next row or the plane's slack); tail blocks read only their valid outputs' bytes.
+  c.sw = sw;
+  c.kW = kW;
+  c.lmask = (1ull << (15 * sw + 4)) - 1ull;
+  c.vs = _mm512_set1_ps(a_scale * ep.wscale[oc]);
+  c.bias = ep.bias != nullptr;
+  c.vb = _mm512_set1_ps(ep.bias ? ep.bias[oc] : 0.f);
+  c.act = ep.act;
+  c.lo = _mm512_set1_ps(ep.lo);
+  c.hi = _mm512_set1_ps(ep.hi);
+  c.corr = _mm512_set1_epi32(static_cast<std::int32_t>(static_cast<std::uint32_t>(zp) * static_cast<std::uint32_t>(wsum)));
+  if (kH == 3 && dh == 1 && (sh == 1 || sh == 2)) {
+    for (int oh0 = 0; oh0 < OH; oh0 += 4) {
+      const int nr = OH - oh0 < 4 ? OH - oh0 : 4;
+      if (sh == 1)
+        dw_block<3, 1>(c, xp, Wp, oh0, nr, OW, out);
+      else
+        dw_block<3, 2>(c, xp, Wp, oh0, nr, OW, out);
+    }
+    return;
+  }
   for (int oh = 0; oh < OH; ++oh) {
     const std::uint8_t* row0 = xp + static_cast<std::ptrdiff_t>(oh * sh) * Wp;
     float* o = out + static_cast<std::ptrdiff_t>(oh) * OW;
     for (int ow = 0; ow < OW; ow += 16) {
-      __m512i acc = _mm512_setzero_si512();
-      const std::uint8_t* src = row0 + ow * sw;
-      // Full blocks read 15*sw + 4 bytes (at most 4 - kW past the padded row, into the next row
-      // or the plane's slack); the tail block only the bytes of its valid outputs.
       const int valid = OW - ow < 16 ? OW - ow : 16;
-      const __mmask64 m = valid == 16 ? lmask : ((1ull << ((valid - 1) * sw + kW)) - 1ull);
-      for (int kh = 0; kh < kH; ++kh) {
-        __m512i v = _mm512_maskz_loadu_epi8(m, src + static_cast<std::ptrdiff_t>(kh * dh) * Wp);
-        v = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(perm, v), shuf);
-        acc = _mm512_dpbusd_epi32(acc, v, wv[kh]);
-      }
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, corr)), vs);
-      if (ep.bias) y = _mm512_add_ps(y, vb);
-      if (ep.act == Activation::Relu) {
-        y = _mm512_max_ps(y, _mm512_setzero_ps());
-      } else if (ep.act == Activation::Clip) {
-        y = _mm512_max_ps(y, lo);
-        y = _mm512_min_ps(y, hi);
-      }
-      _mm512_mask_storeu_ps(o + ow, col_mask(OW - ow), y);
+      const __mmask64 m = valid == 16 ? c.lmask : ((1ull << ((valid - 1) * sw + kW)) - 1ull);
+      __m512i acc = _mm512_setzero_si512();
+      for (int kh = 0; kh < kH; ++kh)
+        acc = _mm512_dpbusd_epi32(acc, dw_prep(c, row0 + static_cast<std::ptrdiff_t>(kh * dh) * Wp + ow * sw, m), c.wv[kh]);
+      dw_store(c, acc, o + ow, col_mask(valid));
     }
   }
 }

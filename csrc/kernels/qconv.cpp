@@ -116,11 +116,9 @@ void fill_im2col(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, s
   }
 }
 
-// Quantize channel ci of the image into its zero-point padded plane.
-void pad_quant_task(void* data, std::size_t ci) {
-  const ConvCtx& c = *static_cast<const ConvCtx*>(data);
+// Quantize channel ci of the image into a zero-point padded plane.
+void pad_quant_plane(const ConvCtx& c, std::size_t ci, std::uint8_t* dst) {
   const ConvParams& p = c.w->p;
-  std::uint8_t* dst = const_cast<std::uint8_t*>(c.Xp) + ci * static_cast<std::size_t>(c.Hp) * c.Wp;
   const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
   std::memset(dst, z, static_cast<std::size_t>(p.pad_top) * c.Wp);
   std::memset(dst + static_cast<std::size_t>(p.pad_top + c.H) * c.Wp, z, static_cast<std::size_t>(p.pad_bottom) * c.Wp);
@@ -133,11 +131,23 @@ void pad_quant_task(void* data, std::size_t ci) {
   }
 }
 
-void depthwise_task(void* data, std::size_t ci) {
+// Tasks run channels last to first: the per-image min/max pass has just read the image front to
+// back, so its tail is the part most likely still in cache.
+void pad_quant_task(void* data, std::size_t i) {
+  const ConvCtx& c = *static_cast<const ConvCtx*>(data);
+  const std::size_t ci = static_cast<std::size_t>(c.w->p.C) - 1 - i;
+  pad_quant_plane(c, ci, const_cast<std::uint8_t*>(c.Xp) + ci * static_cast<std::size_t>(c.Hp) * c.Wp);
+}
+
+// Depthwise: quantize one channel into a task-local padded plane, convolve it at once.
+void depthwise_task(void* data, std::size_t i) {
   const ConvCtx& c = *static_cast<const ConvCtx*>(data);
   const ConvParams& p = c.w->p;
   const int Mg = p.M / p.group;
-  const std::uint8_t* xp = c.Xp + ci * static_cast<std::size_t>(c.Hp) * c.Wp;
+  const std::size_t ci = static_cast<std::size_t>(p.C) - 1 - i;
+  auto plane = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(c.Hp) * c.Wp);
+  pad_quant_plane(c, ci, plane.get());
+  const std::uint8_t* xp = plane.get();
   std::vector<std::int32_t> scratch(static_cast<std::size_t>(c.OW) + 64);
   const std::size_t oplane = static_cast<std::size_t>(c.OH) * c.OW;
   for (int j = 0; j < Mg; ++j) {
@@ -161,6 +171,7 @@ void direct_pack_task(void* data, std::size_t i) {
   const PackedConvImpl& w = *c.w;
   const ConvParams& p = w.p;
   const int Cg = p.C / p.group;
+  i = static_cast<std::size_t>(p.group) * w.CGp - 1 - i;  // last to first, as pad_quant_task
   const int g = static_cast<int>(i) / w.CGp, cg = static_cast<int>(i) % w.CGp;
   std::uint8_t* dst = k.Xq + static_cast<std::ptrdiff_t>(i) * k.L * 4;
   const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
@@ -332,7 +343,7 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
     Nqp = round_up(OH * Wp, o.conv_qt);
     L = round_up(std::max(Hp * Wp, Nqp + tap_off.back()), 16);
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.group) * w->CGp * L * 4);
-  } else if (!direct) {
+  } else if (!direct && !w->depthwise) {
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
   }
 
@@ -397,11 +408,11 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
       }
       continue;
     }
-    if (!direct) par(pad_quant_task, static_cast<std::size_t>(p.C), &c);
     if (w->depthwise) {
       par(depthwise_task, static_cast<std::size_t>(p.C), &c);
       continue;
     }
+    if (!direct) par(pad_quant_task, static_cast<std::size_t>(p.C), &c);
     for (int g = 0; g < p.group; ++g) {
       ConvCtx cg = c;
       cg.g = g;

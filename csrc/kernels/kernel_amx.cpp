@@ -105,8 +105,10 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
   const int kc = d.CGp / 16;
   const std::ptrdiff_t bstride = d.L * 4;
   alignas(64) std::int32_t acc[32][32];
-  for (int q = q0; q < q1; q += 32) {
-    for (int oc = oc0; oc < oc1; oc += 32) {
+  // Channel blocks outer, pixels inner: the stores then form 32 sequential streams (one per
+  // output plane) instead of one short burst per plane of the whole layer.
+  for (int oc = oc0; oc < oc1; oc += 32) {
+    for (int q = q0; q < q1; q += 32) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);

@@ -188,8 +188,8 @@ constexpr int kCMR = 8, kCNB = 3;
 
 void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
   const std::ptrdiff_t plane = d.L * 4;
-  for (int q = q0; q < q1; q += 16 * kCNB) {
-    for (int oc = oc0; oc < oc1; oc += kCMR) {
+  for (int oc = oc0; oc < oc1; oc += kCMR) {
+    for (int q = q0; q < q1; q += 16 * kCNB) {
       __m512i c[kCMR][kCNB];
 #pragma GCC unroll 8
       for (int r = 0; r < kCMR; ++r)

@@ -92,3 +92,27 @@ def _pythonpath():
 
     src = os.path.dirname(os.path.dirname(pkg.__file__))
     return os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+
+
+def test_optimize_int8_with_npz_calibration(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=rng.standard_normal((6, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", EXAMPLE, "-o", str(out), "--passes", "int8", "--calibration", str(calib),
+                 "--calibration-batch", "4", "--target", "onnxruntime", "--verify", "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "quantize" in text and "outputs match the original" in text
+    model = onnx.load(out)
+    assert "QuantizeLinear" in {n.op_type for n in model.graph.node}  # onnxruntime target: standard QDQ
+
+
+def test_bad_calibration_file_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "calib.npz"
+    bad.write_bytes(b"not an npz")
+    assert main(["optimize", EXAMPLE, "-o", str(tmp_path / "q.onnx"), "--passes", "int8",
+                 "--calibration", str(bad)]) == 2
+    assert "calib.npz" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()

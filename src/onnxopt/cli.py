@@ -17,20 +17,66 @@ def _split_passes(text: Optional[str]):
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def load_calibration(path: str, batch: int) -> list:
+    """Feed dicts from an .npz (one array per model input, samples along axis 0, cut into batches)
+    or a directory of such .npz files (one feed dict each)."""
+    import glob
+
+    import numpy as np
+
+    from .errors import CalibrationError
+
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.npz")))
+        if not files:
+            raise CalibrationError(f"{path}: no .npz files in the calibration directory")
+        feeds = []
+        for f in files:
+            with np.load(f) as z:
+                feeds.append({k: z[k] for k in z.files})
+        return feeds
+    if not os.path.isfile(path):
+        raise CalibrationError(f"{path}: no such calibration file")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise CalibrationError(f"{path}: not an .npz file ({exc})") from None
+    if not arrays:
+        raise CalibrationError(f"{path}: the .npz holds no arrays")
+    n = min(a.shape[0] if a.ndim else 1 for a in arrays.values())
+    return [{k: a[i:i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
+
+
+def _configure_target(passes, target: Optional[str]):
+    from .passes import base
+
+    resolved = base.resolve(passes)
+    if target is None:
+        return resolved
+    return [base.get_pass(p.name, **{**p.options, "target": target}) if "target" in p.options else p
+            for p in resolved]
+
+
 def cmd_optimize(args) -> int:
     from .api import optimize, save
     from .bench import compare_models
 
     if os.path.abspath(args.output) == os.path.abspath(args.model):
         raise OptimizeError("output path is the input path: write the result somewhere else")
+    passes = _configure_target(_split_passes(args.passes), args.target)
+    calibration = load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
     source = ir.load_source(args.model)
-    result, report = optimize(source, passes=_split_passes(args.passes), verify=args.verify, return_report=True)
+    result, report = optimize(source, passes=passes, calibration=calibration, verify=args.verify,
+                              return_report=True)
     print(report.format())
     save(result, args.output)
     print(f"\nwrote {args.output}")
     if not args.no_bench:
         print()
-        cmp = compare_models(source.full(), result, rounds=args.rounds, threads=args.threads, progress=True)
+        feeds = calibration[0] if calibration else None  # real data when we have it
+        cmp = compare_models(source.full(), result, feeds=feeds, rounds=args.rounds, threads=args.threads,
+                             progress=True)
         print(cmp.format(("original", "optimized")))
     return 0
 
@@ -105,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", required=True)
     o.add_argument("--passes", help="comma-separated pass or preset names (default: the 'default' preset)")
     o.add_argument("--verify", action="store_true", help="check outputs through onnxruntime, name the pass that broke them")
+    o.add_argument("--calibration", help="calibration data: .npz (one array per input, samples on axis 0) or a directory of .npz feeds")
+    o.add_argument("--calibration-batch", type=int, default=8, help="samples per calibration feed from an .npz (default 8)")
+    o.add_argument("--target", choices=["onnxopt", "onnxruntime"],
+                   help="quantization target: com.onnxopt fused ops or standard QDQ for plain onnxruntime")
     o.add_argument("--no-bench", action="store_true", help="skip the before/after timing table")
     o.add_argument("--rounds", type=int, default=7)
     o.add_argument("--threads", type=int, default=1)

@@ -2,7 +2,8 @@
 
 Weights behind Identity nodes and Constant nodes (TorchScript style), BatchNormalization after every
 Conv, an explicit Pad before a Conv, a residual block, Dropout, a Flatten -> MatMul + Add head, and
-a dynamic batch dimension. Deterministic (fixed seed). Run: python examples/make_small_cnn.py [OUT]
+a dynamic batch dimension. Deterministic (fixed seed); also writes OUT's calibration inputs (`small_cnn_calib.npz`) for the int8
+demo. Run: python examples/make_small_cnn.py [OUT]
 """
 import sys
 
@@ -79,4 +80,7 @@ def build() -> onnx.ModelProto:
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "examples/small_cnn.onnx"
     onnx.save(build(), out)
-    print(f"wrote {out}")
+    # calibration feeds for the int8 demo: 16 inputs, same distribution the demo's timing uses
+    calib = out[: -len(".onnx")] + "_calib.npz"
+    np.savez_compressed(calib, input=np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    print(f"wrote {out} and {calib}")

@@ -1,4 +1,4 @@
-"""numpy reference for com.onnxopt QGemm / QConv (csrc/ortops/OPS.md) and model builders.
+"""numpy reference for com.onnxopt QGemm / QConv (passes.md, "Custom operators") and model builders.
 
 The reference follows the documented numerics step by step in float32: activation quantization
 (dynamic per row / per image, or static), the int32 accumulation (exact, computed in int64), then the

@@ -1,4 +1,4 @@
-// The two kernels of domain com.onnxopt (see OPS.md for the operator contract).
+// The two kernels of domain com.onnxopt (see passes.md, "Custom operators", for the operator contract).
 #pragma once
 
 #include <array>

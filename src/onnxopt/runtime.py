@@ -1,6 +1,6 @@
 """Running models that use onnxopt's custom ops (domain ``com.onnxopt``) in onnxruntime.
 
-Two backends, one contract (csrc/ortops/OPS.md):
+Two backends, one contract (passes.md, "Custom operators"):
 
 * native: ``libonnxopt_ops.so`` next to this module, registered with
   ``SessionOptions.register_custom_ops_library``; weights packed once per session, ORT's thread pool.

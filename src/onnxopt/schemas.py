@@ -3,7 +3,7 @@
 Importing this module registers both schemas with ``onnx.defs`` (once per process), with type and
 shape inference written in Python, so that ``onnx.checker.check_model(m, full_check=True)`` and
 ``onnx.shape_inference.infer_shapes`` understand models that use the ops. The operator contract is
-in csrc/ortops/OPS.md; the shape rules here are the ones the kernels enforce at run time.
+in passes.md, "Custom operators"; the shape rules here are the ones the kernels enforce at run time.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _qgemm_schema():
     s = OpSchema(
         "QGemm", DOMAIN, VERSION,
         "Y[..., N] = act(float(q(X) x W - zero-point terms) * x_scale * w_scale + bias), "
-        "int32 accumulation; X [..., K] of any rank >= 2. See onnxopt's OPS.md.",
+        "int32 accumulation; X [..., K] of any rank >= 2. See onnxopt passes.md, Custom operators.",
         inputs=inputs,
         outputs=[_param("Y", "T", "float output [..., N]")],
         type_constraints=_TYPES,
@@ -225,7 +225,7 @@ def _qconv_schema():
     s = OpSchema(
         "QConv", DOMAIN, VERSION,
         "2-D convolution with int8 weights [M, C/group, kH, kW], NCHW float in and out, int32 "
-        "accumulation, fused scale, bias and activation. See onnxopt's OPS.md.",
+        "accumulation, fused scale, bias and activation. See onnxopt passes.md, Custom operators.",
         inputs=_common_inputs("int8 weights [M, C/group, kH, kW], a constant initializer", "M"),
         outputs=[_param("Y", "T", "float output [N, M, OH, OW]")],
         type_constraints=_TYPES,

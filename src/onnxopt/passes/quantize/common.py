@@ -2,7 +2,7 @@
 quantizable site (MatMul/Gemm/Conv with the bias and activation that follow it) and the two lowerings
 (com.onnxopt QGemm/QConv, or standard ONNX that onnxruntime fuses into its own integer kernels).
 
-Numerics follow csrc/ortops/OPS.md: weights are s8, symmetric, one scale per output channel
+Numerics follow passes.md, "Custom operators": weights are s8, symmetric, one scale per output channel
 (`scale = max|w| / 127` in float32, `q = clamp(rint(w / scale), -127, 127)`, round half to even);
 activations are u8 with a zero point (`scale = (hi - lo) / 255` over a range widened to hold 0,
 `zp = clamp(rint(-lo / scale), 0, 255)`).

@@ -11,8 +11,9 @@ fi
 pip_q() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 pip_q --upgrade pip
 # Test and example dependencies. torch 2.13.0 (CPU) comes from local disk; onnxscript is what the
-# dynamo exporter needs; onnxruntime-extensions runs the custom ops when the native library is absent.
-pip_q pytest "torch==2.13.0" onnxscript onnxruntime-extensions
+# dynamo exporter needs; scikit-learn ships the digits data the example trains on;
+# onnxruntime-extensions runs the custom ops when the native library is absent.
+pip_q pytest "torch==2.13.0" onnxscript onnxruntime-extensions scikit-learn
 # onnxruntime's C headers for the custom-op library (build-local, never installed system-wide).
 if inc=$(tools/fetch_ort_headers.sh 2>build-headers.log | tail -n 1) && [ -f "$inc/onnxruntime_c_api.h" ]; then
   export ONNXOPT_ORT_INCLUDE_DIR="$inc"

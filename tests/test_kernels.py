@@ -139,7 +139,9 @@ def ref_qconv(x, w, w_scale, bias, group, strides, pads, dil, act="none", clip=N
 
 # ---------------------------------------------------------------------------------- cases
 GEMM_SHAPES = [(1, 1, 1), (1, 5, 1), (1, 1, 17), (3, 1, 5), (7, 13, 29), (6, 64, 64), (13, 67, 130),
-               (2, 300, 33), (5, 129, 16), (19, 1031, 47), (1, 768, 80)]
+               (2, 300, 33), (5, 129, 16), (19, 1031, 47), (1, 768, 80),
+               # K a multiple of 64: full micro-tiles read A in place, the ragged rest is copied
+               (70, 128, 40), (33, 64, 17), (64, 192, 70)]
 
 # (activation, clip, bias, per-column w_scale, w_zp, per-row a, requant)
 CONFIGS = [

@@ -33,6 +33,12 @@ std::shared_ptr<PackedB> pack_b(const std::int8_t* B, int K, int N, std::ptrdiff
 struct ASource {
   void (*fill)(const void* ctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale);
   const void* ctx;
+  // Optional: A is already a u8 matrix (row m at direct + m * direct_lda, K bytes) that full
+  // micro-tiles may read in place when the ISA's padded K equals K; params() then gives the zero
+  // point and scale of rows [m0, m0 + mb) without copying.
+  const std::uint8_t* direct = nullptr;
+  std::ptrdiff_t direct_lda = 0;
+  void (*params)(const void* ctx, int m0, int mb, std::int32_t* zp, float* scale) = nullptr;
 };
 
 // out(m, n) = epilogue(A(m, :) x B(:, n)) for m < M. ep.colsum / ep.wzp / ep.K are filled in here.

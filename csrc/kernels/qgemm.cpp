@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <cstdint>
+#include <limits>
 #include <stdexcept>
 
 #include "driver.h"
@@ -101,18 +103,41 @@ void gemm_task(void* data, std::size_t i) {
   if (row0 >= row1 || p0 >= p1) return;
   const int mc = std::min(job.mc, row1 - row0);
   const int lda = std::max(B.Kp, 4);
-  auto abuf = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(round_up(mc, o.MR)) * lda);
+  // In-place A: full micro-tiles read the caller's rows directly (no copy) when no K padding is
+  // needed; only a ragged last tile of rows goes through the buffer. Rows that straddle cache
+  // lines cost twice on every pass over a column panel, so unaligned A is read in place only when
+  // it is swept at most twice (few panels); otherwise the aligned copy pays for itself.
+  const bool aligned = (reinterpret_cast<std::uintptr_t>(job.src.direct) % 64 == 0) && job.src.direct_lda % 64 == 0;
+  const bool in_place = job.src.direct && job.src.params && B.Kp == B.K_ && B.K_ > 0 &&
+                        job.src.direct_lda <= std::numeric_limits<int>::max() && (aligned || p1 - p0 <= 2);
+  const int bufrows = in_place ? o.MR : round_up(mc, o.MR);
+  auto abuf = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(bufrows) * lda);
   std::vector<std::int32_t> zp(mc), rsum(B.wzp.empty() ? 0 : mc);
   std::vector<float> scale(mc);
   const int panel_cols = o.NR * o.NB;
   if (o.task_begin) o.task_begin();
   for (int m0 = row0; m0 < row1; m0 += mc) {
     const int mb = std::min(mc, row1 - m0);
-    std::memset(abuf.get(), 0, static_cast<std::size_t>(round_up(mb, o.MR)) * lda);
-    job.src.fill(job.src.ctx, m0, mb, abuf.get(), lda, zp.data(), scale.data());
+    const int nfull = in_place ? mb / o.MR * o.MR : 0;  // rows read in place
+    if (nfull) job.src.params(job.src.ctx, m0, nfull, zp.data(), scale.data());
+    if (nfull < mb) {
+      const int rows = mb - nfull;
+      std::uint8_t* buf = abuf.get();
+      // The fill writes bytes [0, K) of each row; zero the K padding and the tile's spare rows.
+      if (lda > B.K_)
+        for (int r = 0; r < rows; ++r) std::memset(buf + static_cast<std::size_t>(r) * lda + B.K_, 0, lda - B.K_);
+      const int rpad = round_up(rows, o.MR);
+      if (rpad > rows) std::memset(buf + static_cast<std::size_t>(rows) * lda, 0, static_cast<std::size_t>(rpad - rows) * lda);
+      job.src.fill(job.src.ctx, m0 + nfull, rows, buf, lda, zp.data() + nfull, scale.data() + nfull);
+    }
+    auto row_ptr = [&](int r) -> const std::uint8_t* {
+      return r < nfull ? job.src.direct + static_cast<std::ptrdiff_t>(m0 + r) * job.src.direct_lda
+                       : abuf.get() + static_cast<std::size_t>(r - nfull) * lda;
+    };
+    const int tlda_direct = static_cast<int>(job.src.direct_lda);
     if (!rsum.empty()) {
       for (int r = 0; r < mb; ++r) {
-        const std::uint8_t* a = abuf.get() + static_cast<std::size_t>(r) * lda;
+        const std::uint8_t* a = row_ptr(r);
         std::int32_t s = 0;
         for (int k = 0; k < B.K_; ++k) s += a[k];
         rsum[r] = s;
@@ -122,14 +147,14 @@ void gemm_task(void* data, std::size_t i) {
       const int n0 = p * panel_cols;
       const int ncols = std::min(panel_cols, B.N_ - n0);
       Tile t;
-      t.lda = lda;
       t.B = B.panel(p);
       t.Kp = B.Kp;
       t.nb = (ncols + o.NR - 1) / o.NR;
       t.ncols = ncols;
       t.n = n0;
       for (int r = 0; r < mb; r += o.MR) {
-        t.A = abuf.get() + static_cast<std::size_t>(r) * lda;
+        t.A = row_ptr(r);
+        t.lda = r < nfull ? tlda_direct : lda;
         t.mr = std::min(o.MR, mb - r);
         t.m = m0 + r;
         t.rzp = zp.data() + r;
@@ -214,6 +239,15 @@ void fill_u8(const void* ctx, int m0, int mb, std::uint8_t* buf, int ldb, std::i
   }
 }
 
+void params_u8(const void* ctx, int m0, int mb, std::int32_t* zp, float* scale) {
+  const U8Source& s = *static_cast<const U8Source*>(ctx);
+  for (int r = 0; r < mb; ++r) {
+    const int m = m0 + r;
+    zp[r] = s.per_row ? s.zp[m] : s.zp[0];
+    scale[r] = s.per_row ? s.scale[m] : s.scale[0];
+  }
+}
+
 struct F32Source {
   const float* A;
   int lda, K;
@@ -256,7 +290,11 @@ void qgemm(const std::uint8_t* A, int M, int lda, const std::uint8_t* a_zp, cons
   ep.cu = c_u8;
   ep.ldm = ldc;
   U8Source src{A, lda, B.K_, a_zp, a_scale, per_row_a};
-  run_gemm(B, M, ASource{fill_u8, &src}, ep, par);
+  ASource as{fill_u8, &src};
+  as.direct = A;
+  as.direct_lda = lda;
+  as.params = params_u8;
+  run_gemm(B, M, as, ep, par);
 }
 
 void qgemm_f32(const float* A, int M, int lda, const float* x_scale, const std::uint8_t* x_zp, const PackedWeights& Bw,

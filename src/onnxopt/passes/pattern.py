@@ -232,17 +232,15 @@ class RewriteRule(Pass):
         op = OpBuilder(graph, ctx, root.name or self.name)
         result = _call(self.replacement, op, args)
         if result is None:  # the replacement declined
-            for n in op.nodes:
-                graph.nodes.remove(n)
+            built = {id(n) for n in op.nodes}
+            graph.nodes = [n for n in graph.nodes if id(n) not in built]
             return False
         out = root.outputs[0]
-        if isinstance(result, gs.Variable) and len(result.inputs) == 1 and result.inputs[0] in op.nodes:
-            producer = result.inputs[0]
-            idx = producer.outputs.index(result)
+        producer = result.inputs[0] if isinstance(result, gs.Variable) and len(result.inputs) == 1 else None
+        if producer is not None and any(producer is n for n in op.nodes):
+            idx = next(i for i, t in enumerate(producer.outputs) if t is result)
             root.outputs.clear()
-            producer.outputs[idx] = out  # keeps name, dtype, shape and every consumer
-            out.inputs.clear()
-            out.inputs.append(producer)
+            producer.outputs[idx] = out  # takes over name, dtype, shape and every consumer, in place
             return True
         if isinstance(result, gs.Tensor):  # an existing tensor: rewire consumers
             if out in graph.outputs:

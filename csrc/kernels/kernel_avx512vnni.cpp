@@ -109,10 +109,12 @@ void minmax(const float* x, std::size_t n, float* lo, float* hi) {
 }
 
 // nearbyint(x / s) without a division per element where that is provably the same: q' = x * r
-// with r = fl(1/s) is within 2^-22 |x/s| of x/s, and fl(x/s) within 2^-24 |x/s|, so when q' is
-// farther than |q'| * 2^-19 (+ 2^-24) from every half-integer, fl(x/s) lies strictly inside the
-// same rounding interval and both round to the same integer. Lanes closer than that (about 1 in
-// 1000 for |x/s| <= 255), NaN/Inf, and scales outside [2^-60, 2^60] take the exact division.
+// with r = fl(1/s) is within 2^-22 |x/s| of x/s, and fl(x/s) within 2^-24 |x/s|, so for
+// |q'| < 256 the two differ by less than 2^-13; when q' is more than 2^-10 away from every
+// half-integer (|q' - nearbyint(q')| < 0.5 - 2^-10), fl(x/s) lies strictly inside the same rounding
+// interval and both round to the same integer. Other lanes (about 1 in 500 for dynamically
+// quantized data, all lanes with |q'| >= 256, NaN/Inf) and scales outside [2^-60, 2^60] take the
+// exact division.
 struct QuantScale {
   __m512 vs, vr, vz;
   bool fast;
@@ -125,25 +127,26 @@ static inline __m512 round_div(__m512 x, const QuantScale& qs) {
   constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   if (qs.fast) {
     const __m512 q = _mm512_mul_ps(x, qs.vr);
-    const __m512 f = _mm512_sub_ps(q, _mm512_roundscale_ps(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-    const __m512 d = _mm512_abs_ps(_mm512_sub_ps(f, _mm512_set1_ps(0.5f)));
-    const __m512 margin = _mm512_add_ps(_mm512_mul_ps(_mm512_abs_ps(q), _mm512_set1_ps(0x1p-19f)),
-                                        _mm512_set1_ps(0x1p-24f));
-    const __mmask16 ok = _mm512_cmp_ps_mask(d, margin, _CMP_GT_OQ);  // false for NaN
     const __m512 r = _mm512_roundscale_ps(q, kNear);
+    const __mmask16 near_int = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(q, r)), _mm512_set1_ps(0.5f - 0x1p-10f),
+                                                  _CMP_LT_OQ);  // false for NaN
+    const __mmask16 ok = _mm512_mask_cmp_ps_mask(near_int, _mm512_abs_ps(q), _mm512_set1_ps(256.f), _CMP_LT_OQ);
     if (ok == 0xFFFF) return r;
     return _mm512_mask_roundscale_ps(r, static_cast<__mmask16>(~ok), _mm512_div_ps(x, qs.vs), kNear);
   }
   return _mm512_roundscale_ps(_mm512_div_ps(x, qs.vs), kNear);
 }
 
-static inline __m128i quant16(__m512 x, const QuantScale& qs) {
+// Quantized values as int32 lanes in [0, 255].
+static inline __m512i quant16_i32(__m512 x, const QuantScale& qs) {
   __m512 q = round_div(x, qs);
   q = _mm512_add_ps(q, qs.vz);
   q = _mm512_max_ps(q, _mm512_setzero_ps());
   q = _mm512_min_ps(q, _mm512_set1_ps(255.f));
-  return _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q));
+  return _mm512_cvttps_epi32(q);
 }
+
+static inline __m128i quant16(__m512 x, const QuantScale& qs) { return _mm512_cvtepi32_epi8(quant16_i32(x, qs)); }
 
 void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* q) {
   const QuantScale qs(scale, zpf);
@@ -155,30 +158,35 @@ void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* 
   }
 }
 
-// 4 channel rows -> [n][4] u8 (channel-interleaved pixels) for the direct conv.
-void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint8_t* dst) {
-  const QuantScale qs(scale, zpf);
-  const __m128i zq = _mm_set1_epi8(static_cast<char>(static_cast<std::uint8_t>(zpf)));
-  int i = 0;
-  for (; i < n; i += 16) {
+// 4 channel rows -> [n][4] u8 (channel-interleaved pixels) for the direct conv: the four int32
+// results of a 16-pixel step are merged with shifts, one zmm holding 16 pixels x 4 channels.
+template <bool kAll>
+static void quant_pack4_impl(const float* const* x, int n, const QuantScale& qs, __m512i zv, std::uint8_t* dst) {
+  for (int i = 0; i < n; i += 16) {
     const int rem = n - i;
     const __mmask16 m = col_mask(rem);
-    __m128i q[4];
+    __m512i v[4];
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c)
-      q[c] = x[c] ? quant16(rem >= 16 ? _mm512_loadu_ps(x[c] + i) : _mm512_maskz_loadu_ps(m, x[c] + i), qs) : zq;
-    const __m128i a = _mm_unpacklo_epi8(q[0], q[1]), b = _mm_unpackhi_epi8(q[0], q[1]);
-    const __m128i c = _mm_unpacklo_epi8(q[2], q[3]), e = _mm_unpackhi_epi8(q[2], q[3]);
-    __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(a, c));
-    v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(a, c), 1);
-    v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(b, e), 2);
-    v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(b, e), 3);
+      v[c] = (kAll || x[c]) ? quant16_i32(rem >= 16 ? _mm512_loadu_ps(x[c] + i) : _mm512_maskz_loadu_ps(m, x[c] + i), qs)
+                            : zv;
+    const __m512i lo = _mm512_or_si512(v[0], _mm512_slli_epi32(v[1], 8));
+    const __m512i r = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi32(v[2], 16), _mm512_slli_epi32(v[3], 24), 0xFE);
     std::uint8_t* o = dst + static_cast<std::ptrdiff_t>(i) * 4;
     if (rem >= 16)
-      _mm512_storeu_si512(o, v);
+      _mm512_storeu_si512(o, r);
     else
-      _mm512_mask_storeu_epi32(o, m, v);
+      _mm512_mask_storeu_epi32(o, m, r);
   }
+}
+
+void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint8_t* dst) {
+  const QuantScale qs(scale, zpf);
+  const __m512i zv = _mm512_set1_epi32(static_cast<std::int32_t>(zpf));
+  if (x[0] && x[1] && x[2] && x[3])
+    quant_pack4_impl<true>(x, n, qs, zv, dst);
+  else
+    quant_pack4_impl<false>(x, n, qs, zv, dst);
 }
 
 // Direct conv micro-tile: 8 output channels x 48 pixels, 24 zmm accumulators; the activations

@@ -400,9 +400,21 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
         j.ntq = 1;
         j.nto = 1;
         if (degree > 1) {
+          // Pick the split (pixel chunks x channel chunks, about 4 tasks per thread) with the
+          // shortest estimated makespan: rounds of `degree` tasks times the largest task.
+          long best = -1;
           const int target = 4 * degree;
-          j.ntq = std::min(j.nqt, target);
-          if (j.ntq < 2 * degree) j.nto = std::min(j.mtiles, (target + j.ntq - 1) / j.ntq);
+          for (int nto = 1; nto <= std::min(j.mtiles, target); ++nto) {
+            const int ntq = std::min(j.nqt, std::max(1, target / nto));
+            const long tasks = static_cast<long>(ntq) * nto;
+            const long biggest = static_cast<long>((j.nqt + ntq - 1) / ntq) * ((j.mtiles + nto - 1) / nto);
+            const long span = (tasks + degree - 1) / degree * biggest;
+            if (best < 0 || span < best) {
+              best = span;
+              j.ntq = ntq;
+              j.nto = nto;
+            }
+          }
         }
         par(direct_task, static_cast<std::size_t>(j.ntq) * j.nto, &j);
       }

@@ -180,6 +180,9 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
   // Rows per A block: keep the packed block around 256 KB so it stays in L2 while B panels stream.
   const int lda = std::max(B.Kp, 4);
   job.mc = std::max(o.MR, (256 * 1024 / lda) / o.MR * o.MR);
+  // ... but never split a small M into two blocks (each block streams all of B again): one block
+  // when every row fits in 1.5x that budget (e.g. 49 x 4608).
+  if (static_cast<long long>(round_up(M, o.MR)) * lda <= 384 * 1024) job.mc = round_up(M, o.MR);
   const int np = B.panels();
   const int degree = (par.run && par.degree > 1) ? par.degree : 1;
   if (degree > 1) {

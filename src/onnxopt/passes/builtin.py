@@ -5,7 +5,7 @@ Each pass module registers its passes on import and lists, in `DEFAULT`, the one
 folding, then fusions, and analysis (shape refresh) last. The manager repeats this exact group to a
 fixed point.
 """
-from . import cleanup, fold, fusion, quantize  # noqa: F401  (quantize registers its passes)
+from . import cleanup, fold, fusion, prune, quantize  # noqa: F401  (prune and quantize register their passes)
 from .base import _REGISTRY, pass_class, register_preset
 
 DEFAULT = [*cleanup.DEFAULT, *fold.DEFAULT, *fusion.DEFAULT]

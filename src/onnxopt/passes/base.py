@@ -92,6 +92,7 @@ class Report:
 
     records: List[PassRecord] = dataclasses.field(default_factory=list)
     messages: List[tuple] = dataclasses.field(default_factory=list)  # (pass name, text)
+    quantization: List[dict] = dataclasses.field(default_factory=list)  # per node, from quantize_auto's guards
     nodes_before: int = 0
     nodes_after: int = 0
     iterations: int = 0
@@ -120,10 +121,25 @@ class Report:
                      f"{self.iterations} iteration(s))")
         for name, text in self.messages:
             lines.append(f"  [{name}] {text}")
+        if self.quantization:
+            lines += ["", _quantization_table(self.quantization)]
         return "\n".join(lines)
 
     def __str__(self):
         return self.format()
+
+
+def _quantization_table(rows: List[dict]) -> str:
+    def num(r, k, fmt):
+        return format(r[k], fmt) if r.get(k) is not None else "-"
+
+    w = max([len(r["node"]) for r in rows] + [4])
+    lines = [f"{'node':<{w}} {'op':<6} {'int8':<4} {'SQNR dB':>7} {'alone cos':>9} {'fp32 ms':>8} {'int8 ms':>8}  reason"]
+    for r in rows:
+        lines.append(f"{r['node']:<{w}} {r['op']:<6} {'yes' if r['quantized'] else 'no':<4} {num(r, 'sqnr_db', '.1f'):>7} "
+                     f"{num(r, 'alone_cosine', '.5f'):>9} {num(r, 'ms_fp32', '.3f'):>8} {num(r, 'ms_int8', '.3f'):>8}  "
+                     f"{r['reason']}")
+    return "\n".join(lines)
 
 
 class PassContext:

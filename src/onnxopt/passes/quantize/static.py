@@ -3,14 +3,14 @@ quantize_auto: static when calibration data is given, dynamic otherwise (the "in
 from __future__ import annotations
 
 from collections import Counter
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import onnx_graphsurgeon as gs
 
 from ... import ir
 from ...errors import PassOptionError
 from ..base import Pass, PassContext, Refusal, register_pass
-from . import calibrate
+from . import calibrate, guard
 from .common import (QDQ, Emitter, Site, activation_params, check_common_options, find_site, lower_onnxopt,
                      lower_static_ort, resolve_target)
 from .dynamic import QuantizeDynamic
@@ -46,21 +46,21 @@ class QuantizeStatic(Pass):
     def validate_options(self) -> None:
         _check_static_options(self)
 
-    def sites(self, graph: gs.Graph, ctx: PassContext) -> List[Site]:
+    def sites(self, graph: gs.Graph, ctx: PassContext, refused: Optional[list] = None) -> List[Site]:
+        """The candidate sites; `refused`, when given, collects (node, reason) for the others."""
         refusals: Counter = Counter()
         sites = []
         exclude = set(self.options["exclude"])
         for node in list(graph.nodes):
             if node.op not in self.options["op_types"] or not node.outputs:
                 continue
-            if node.name in exclude:
-                refusals["excluded by option"] += 1
-                continue
-            site = find_site(node, graph, ctx)
+            site = Refusal("excluded by option") if node.name in exclude else find_site(node, graph, ctx)
+            if not isinstance(site, Refusal) and site.macs < int(self.options["min_macs"]):
+                site = Refusal(f"{node.op} too small for int8 to pay (< min_macs={self.options['min_macs']})")
             if isinstance(site, Refusal):
                 refusals[str(site)] += 1
-            elif site.macs < int(self.options["min_macs"]):
-                refusals[f"{node.op} too small for int8 to pay (< min_macs={self.options['min_macs']})"] += 1
+                if refused is not None:
+                    refused.append((node, str(site)))
             else:
                 sites.append(site)
         for reason, n in sorted(refusals.items()):
@@ -72,40 +72,51 @@ class QuantizeStatic(Pass):
         sites = self.sites(graph, ctx)
         if not sites:
             return False
+        ranges = self.calibrate(graph, ctx, sites, target, ctx.calibration)
+        done = lower_sites(graph, ctx, sites, ranges, target)
+        ctx.note(f"quantized {done} of {len(sites)} candidate node(s) ({target} target, {self.options['method']})")
+        return done > 0
+
+    def calibrate(self, graph: gs.Graph, ctx: PassContext, sites: List[Site], target: str,
+                  calibration) -> Dict[str, Tuple[float, float]]:
+        """Activation ranges of the tensors `sites` quantize, over the feeds of `calibration`."""
         tensors = [s.x.name for s in sites]
         if target == "onnxruntime":  # onnxruntime fuses a Conv only when its output is quantized too
             tensors += [s.out.name for s in sites if s.kind == "conv"]
         model = calibrate.export_for_calibration(graph, ctx)
-        ranges = calibrate.collect_ranges(
-            model, tensors, ctx.calibration, method=self.options["method"], percentile=float(self.options["percentile"]),
+        return calibrate.collect_ranges(
+            model, tensors, calibration, method=self.options["method"], percentile=float(self.options["percentile"]),
             bins=int(self.options["bins"]), progress=bool(self.options["progress"]),
             max_batches=self.options["max_batches"])
-        del model
-        em = Emitter(graph, ctx, "qs")
-        qdq = QDQ(em, ranges)
-        done = 0
-        for site in sites:
-            if site.x.name not in ranges or (target == "onnxruntime" and site.kind == "conv"
-                                             and site.out.name not in ranges):
-                ctx.note(f"left {site.node.name or site.node.op} in float: no finite calibration values")
-                continue
-            if target == "onnxopt":
-                scale, zp = activation_params(*ranges[site.x.name])
-                lower_onnxopt(em, site, scale, zp)
-            else:
-                xd = qdq.insert(site.x, graph)
-                out = site.out
-                lower_static_ort(em, site, xd, qdq.params(site.x)[0], graph)
-                if site.kind == "conv":
-                    qdq.insert(out, graph)
-            done += 1
-        ctx.note(f"quantized {done} of {len(sites)} candidate node(s) ({target} target, {self.options['method']})")
-        return done > 0
+
+
+def lower_sites(graph: gs.Graph, ctx: PassContext, sites: List[Site], ranges: Dict[str, Tuple[float, float]],
+                target: str, prefix: str = "qs") -> int:
+    """Lower `sites` (found in `graph`) to int8 with the calibrated `ranges`; returns how many were."""
+    em = Emitter(graph, ctx, prefix)
+    qdq = QDQ(em, ranges)
+    done = 0
+    for site in sites:
+        if site.x.name not in ranges or (target == "onnxruntime" and site.kind == "conv"
+                                         and site.out.name not in ranges):
+            ctx.note(f"left {site.node.name or site.node.op} in float: no finite calibration values")
+            continue
+        if target == "onnxopt":
+            scale, zp = activation_params(*ranges[site.x.name])
+            lower_onnxopt(em, site, scale, zp)
+        else:
+            xd = qdq.insert(site.x, graph)
+            out = site.out
+            lower_static_ort(em, site, xd, qdq.params(site.x)[0], graph)
+            if site.kind == "conv":
+                qdq.insert(out, graph)
+        done += 1
+    return done
 
 
 @register_pass
 class QuantizeAuto(Pass):
-    """quantize_static when calibration data is given, else quantize_dynamic (used by the "int8" preset)."""
+    """quantize_static (guarded) when calibration data is given, else quantize_dynamic (the "int8" preset's)."""
 
     name = "quantize_auto"
     kind = "quantize"
@@ -113,18 +124,27 @@ class QuantizeAuto(Pass):
     idempotent = True
     recurse_subgraphs = False  # walks the subgraphs itself for the dynamic case
     supported_ops = ("Conv", "MatMul", "Gemm")
-    options = dict(STATIC_OPTIONS)
+    options = {**STATIC_OPTIONS, **guard.GUARD_OPTIONS}
 
     def validate_options(self) -> None:
         _check_static_options(self)
+        guard.check_guard_options(self)
+
+    def guarded(self) -> bool:
+        o = self.options
+        return bool(o["autotune"]) or o["tolerance"] is not None or o["eval_fn"] is not None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> bool:
         opts = dict(self.options)
         if ctx.calibration is not None:
-            return QuantizeStatic(**opts).run(graph, ctx)
+            static = QuantizeStatic(**{k: v for k, v in opts.items() if k in STATIC_OPTIONS})
+            if not self.guarded():
+                return static.run(graph, ctx)
+            return guard.Guard(graph, ctx, static, resolve_target(opts["target"]), opts, lower_sites).run()
         dyn = QuantizeDynamic(target=opts["target"], min_macs=opts["min_macs"], exclude=opts["exclude"],
                               op_types=tuple(o for o in opts["op_types"] if o in QuantizeDynamic.supported_ops))
-        ctx.note("no calibration data: dynamic quantization (MatMul/Gemm only)")
+        ctx.note("no calibration data: dynamic quantization (MatMul/Gemm only)"
+                 + ("; the guards need calibration data and did not run" if self.guarded() else ""))
         changed = False
         for g in list(ir.iter_graphs(graph)):
             changed |= bool(dyn.run(g, ctx))

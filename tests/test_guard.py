@@ -1,0 +1,260 @@
+"""quantize_auto's guards: accuracy fallback, cost decisions (fake timings), held-out data, the report."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxopt
+from onnxopt import verify
+from onnxopt.errors import CalibrationError, PassOptionError
+from onnxopt.passes.quantize import common, guard
+
+from .helpers import init, make_model, vi
+
+F32 = np.float32
+
+
+K, CLASSES = 512, 8
+TEMPLATES = np.random.default_rng(123).standard_normal((CLASSES, K)).astype(F32)
+
+
+def samples(rng, n):
+    """Inputs of a toy classification task: a class template plus noise."""
+    return (TEMPLATES[rng.integers(0, CLASSES, n)] + rng.standard_normal((n, K))).astype(F32)
+
+
+def outlier_mlp(seed=0, k=K, classes=CLASSES):
+    """x -> mm1 -> relu -> mm2 -> relu -> mm3 (a classifier fitted on the toy task). Channel 0 of
+    mm1's output is ~1000x the others and mm2 reads it with a tiny weight: one per-tensor u8 scale for
+    mm2's input wipes out every other channel, so mm2 is the one sensitive node (mm1 and mm3 quantize
+    well)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((k, k)) / np.sqrt(k)).astype(F32)
+    w1[:, 0] *= 1000.0
+    w2 = (rng.standard_normal((k, k)) / np.sqrt(k)).astype(F32)
+    w2[0, :] *= 1e-3
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2")]
+    inits = [init("W1", w1), init("W2", w2)]
+    feat = make_model(nodes, [vi("x", ["n", k])], [vi("r2", ["n", k])], inits)
+    labels = rng.integers(0, classes, 2000)
+    f = verify.run(feat, {"x": (TEMPLATES[labels] + rng.standard_normal((2000, k))).astype(F32)})[0]
+    w3 = np.linalg.solve(f.T @ f + np.eye(k), f.T @ np.eye(classes, dtype=F32)[labels]).astype(F32)
+    nodes.append(helper.make_node("MatMul", ["r2", "W3"], ["y"], name="mm3"))
+    return make_model(nodes, [vi("x", ["n", k])], [vi("y", ["n", classes])], inits + [init("W3", w3)])
+
+
+def feeds(seed, n=8, batch=16):
+    rng = np.random.default_rng(seed)
+    return [{"x": samples(rng, batch)} for _ in range(n)]
+
+
+def quantized_nodes(model):
+    """Names of the original nodes that became int8 (QGemm/QConv are named after them)."""
+    return sorted(n.name.split("_QGemm")[0].split("_QConv")[0] for n in model.graph.node
+                  if n.op_type in ("QGemm", "QConv"))
+
+
+def rows(report):
+    return {r["node"]: r for r in report.quantization}
+
+
+def run_auto(model, cal, **opts):
+    opts.setdefault("target", "onnxopt")
+    opts.setdefault("progress", False)
+    opts.setdefault("tolerance", guard.DEFAULT_TOLERANCE)
+    opts.setdefault("autotune", True)
+    return onnxopt.optimize(model, ["default", onnxopt.get_pass("quantize_auto", **opts)], calibration=cal,
+                            return_report=True)
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def pays(models, feed):  # a fake timer: int8 twice as fast everywhere
+    return [1.0, 0.5]
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+
+def test_unguarded_quantization_of_the_outlier_model_misses_the_tolerance():
+    model = outlier_mlp()
+    q, _ = run_auto(model, feeds(1), autotune=False, tolerance=None)
+    assert quantized_nodes(q) == ["mm1", "mm2", "mm3"]
+    x = feeds(2, n=1, batch=256)[0]
+    assert cosine(onnxopt.InferenceSession(q).run(None, x)[0], verify.run(model, x)[0]) < 0.995
+
+
+@pytest.mark.parametrize("target", ["onnxopt", "onnxruntime"])
+def test_sensitive_node_goes_back_to_fp32_and_the_model_meets_the_tolerance(target):
+    model = outlier_mlp()
+    q, report = run_auto(model, feeds(1), autotune=False, target=target)
+    r = rows(report)
+    assert not r["mm2"]["quantized"] and r["mm2"]["reason"].startswith("accuracy")
+    assert r["mm1"]["quantized"] and r["mm3"]["quantized"]
+    assert r["mm2"]["sqnr_db"] < min(r["mm1"]["sqnr_db"], r["mm3"]["sqnr_db"])
+    if target == "onnxopt":
+        assert quantized_nodes(q) == ["mm1", "mm3"]
+    x = feeds(2, n=1, batch=256)[0]  # fresh data, never seen by the guard
+    got = onnxopt.InferenceSession(q).run(None, x)[0]
+    ref = verify.run(model, x)[0]
+    assert cosine(got, ref) >= 0.995
+    assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.97
+    text = str(report)
+    assert "mm2" in text and "kept 1 node(s) in fp32: mm2" in text
+    if target == "onnxruntime":
+        assert "onnxruntime fused" in text
+
+
+def test_report_names_every_fallback_and_every_candidate():
+    model = outlier_mlp()
+
+    def timer(models, feed):  # mm3 alone does not pay; everything else does
+        names = {n.name for n in models[0].graph.node}
+        return [1.0, 2.0] if names == {"mm3"} else [1.0, 0.5]
+
+    q, report = run_auto(model, feeds(1), timer=timer)
+    r = rows(report)
+    assert set(r) == {"mm1", "mm2", "mm3"}
+    assert r["mm3"]["reason"].startswith("cost") and r["mm3"]["ms_int8"] == 2.0
+    assert r["mm2"]["reason"].startswith("accuracy")
+    assert r["mm1"]["quantized"] and quantized_nodes(q) == ["mm1"]
+    messages = " ".join(t for _, t in report.messages)
+    for name, row in r.items():
+        if not row["quantized"]:
+            assert name in messages
+    table = report.format()
+    for name in r:
+        assert name in table.split("reason", 1)[1]
+
+
+def test_eval_fn_is_honoured():
+    model = outlier_mlp()
+    seen = []
+
+    def eval_fn(m):  # a user metric that punishes quantizing mm3 (which the default tolerance accepts)
+        seen.append(m)
+        return 0.0 if "mm3" in quantized_nodes(m) else 1.0
+
+    q, report = run_auto(model, feeds(1), autotune=False, eval_fn=eval_fn, max_drop=0.5)
+    assert seen and all(hasattr(m, "graph") for m in seen)
+    assert quantized_nodes(q) == ["mm1", "mm2"]  # eval_fn replaces the default tolerance mm2 misses
+    assert not rows(report)["mm3"]["quantized"] and rows(report)["mm3"]["reason"].startswith("accuracy")
+    assert eval_fn(q) == 1.0
+    assert "eval_fn" in str(report)
+
+
+def test_eval_fn_accepting_everything_keeps_every_node():
+    q, report = run_auto(outlier_mlp(), feeds(1), autotune=False, eval_fn=lambda m: 1.0)
+    assert quantized_nodes(q) == ["mm1", "mm2", "mm3"]
+
+
+def test_deterministic_for_a_fixed_seed():
+    model = outlier_mlp()
+    a, ra = run_auto(model, feeds(1), timer=pays)
+    b, rb = run_auto(model, feeds(1), timer=pays)
+    assert a.SerializeToString() == b.SerializeToString()
+    assert ra.quantization == rb.quantization
+    assert ra.messages == rb.messages
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+def test_cost_guard_keeps_fp32_where_int8_does_not_pay():
+    model = outlier_mlp()
+
+    def timer(models, feed):
+        whole = len(models[0].graph.node) > 2
+        return [1.0, 0.5] if whole else [1.0, 1.02]  # no single op pays by 1.05x
+
+    q, report = run_auto(model, feeds(1), timer=timer, tolerance=None)
+    assert quantized_nodes(q) == []
+    assert all(r["reason"].startswith("cost") for r in report.quantization)
+    assert "nothing worth quantizing" in str(report)
+
+
+def test_whole_model_slower_falls_back_to_the_optimized_fp32_model():
+    model = outlier_mlp()
+    calls = []
+
+    def timer(models, feed):
+        whole = len(models[0].graph.node) > 2
+        calls.append(whole)
+        return [1.0, 1.3] if whole else [1.0, 0.5]  # every op pays alone, the whole model does not
+
+    q, report = run_auto(model, feeds(1), timer=timer, tolerance=None)
+    assert quantized_nodes(q) == [] and any(calls)
+    assert [n.op_type for n in q.graph.node] == ["MatMul", "Relu", "MatMul", "Relu", "MatMul"]
+    assert all("whole model" in r["reason"] for r in report.quantization)
+    assert "nothing worth quantizing" in str(report)
+    assert not any(o.domain == "com.onnxopt" for o in q.opset_import)
+
+
+def test_whole_model_drops_the_least_gain_first():
+    model = outlier_mlp()
+
+    def timer(models, feed):
+        names = {n.name for n in models[0].graph.node}
+        if len(names) > 2:  # whole model: fast enough only once mm1 is float
+            return [1.0, 1.2 if any(n.op_type == "QGemm" and n.name.startswith("mm1") for n in models[1].graph.node)
+                    else 0.5]
+        return [1.0, 0.9] if names == {"mm1", "relu1"} else [1.0, 0.2]
+
+    q, report = run_auto(model, feeds(1), timer=timer, tolerance=None)
+    assert quantized_nodes(q) == ["mm2", "mm3"]
+    assert "whole model" in rows(report)["mm1"]["reason"]
+    assert "1.00 ms fp32" in str(report) or "fp32 = 2.00x" in str(report)
+
+
+def test_tiny_model_comes_back_unquantized_with_a_report_saying_so():
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="tiny")], [vi("x", ["n", 8])],
+                       [vi("y", ["n", 8])], [init("W", rng.standard_normal((8, 8)).astype(F32))])
+    cal = [{"x": rng.standard_normal((4, 8)).astype(F32)} for _ in range(4)]
+    q, report = run_auto(model, cal, tolerance=guard.DEFAULT_TOLERANCE, autotune=True)
+    assert [n.op_type for n in q.graph.node] == ["MatMul"]
+    assert "nothing worth quantizing" in str(report)
+    assert rows(report)["tiny"]["reason"].startswith("MatMul too small") and not rows(report)["tiny"]["quantized"]
+
+
+# ------------------------------------------------------------------------------------ held-out data
+
+def test_split_feeds():
+    f = feeds(0, n=8)
+    fit, check = guard.split_feeds(f, 0.25)
+    assert len(fit) == 6 and len(check) == 2 and check[-1] is f[-1]
+    fit, check = guard.split_feeds(f[:2], 0.25)
+    assert len(fit) == 1 and len(check) == 1
+    fit, check = guard.split_feeds(f[:1], 0.25)  # one feed: its batch is split
+    assert fit[0]["x"].shape[0] == 12 and check[0]["x"].shape[0] == 4
+    np.testing.assert_array_equal(check[0]["x"], f[0]["x"][12:])
+    with pytest.raises(CalibrationError, match="cannot be split"):
+        guard.split_feeds([{"x": f[0]["x"][:1]}], 0.25)
+
+
+def test_ranges_are_fitted_on_the_first_feeds_and_fidelity_judged_on_the_rest():
+    model = outlier_mlp()
+    cal = feeds(1, n=4)
+    cal[-1] = {"x": cal[-1]["x"] * 10}  # the held-out feed is wider than anything fitted on
+    q, report = run_auto(model, cal, autotune=False, tolerance={"cosine": 0.0, "top1": 0.0})
+    mm1 = [n for n in q.graph.node if n.name.startswith("mm1")][0]
+    vals = {t.name: t for t in q.graph.initializer}
+    from onnx import numpy_helper
+    x_scale = numpy_helper.to_array(vals[mm1.input[4]])
+    fit = np.concatenate([c["x"] for c in cal[:3]])
+    assert x_scale == common.activation_params(fit.min(), fit.max())[0]
+    assert "1 held-out feed(s), 16 sample(s)" in str(report)
+
+
+def test_bad_guard_options():
+    for bad in ({"tolerance": {"cos": 0.9}}, {"tolerance": 1.5}, {"holdout": 0.9}, {"eval_fn": 3},
+                {"timer": "fast"}, {"min_speedup": 0}):
+        with pytest.raises(PassOptionError):
+            onnxopt.get_pass("quantize_auto", **bad)
+    p = onnxopt.get_pass("quantize_auto", tolerance=0.99, autotune=False)
+    assert guard.tolerance_of(p.options) == {"cosine": 0.99}

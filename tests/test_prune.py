@@ -185,11 +185,14 @@ def test_per_layer_ratio_and_channel_rounding():
     assert node_weight(pruned, "convA").shape == (16, 8, 3, 3)
     assert node_weight(pruned, "convS").shape == (8, 8, 1, 1)
     assert node_weight(pruned, "convB").shape == (8, 16, 3, 3)
-    pruned, _ = run(resnet_block(p), ratio=0.3)  # defaults: min_channels=8, multiple_of=8: 16 -> 11.2 -> 8
+    pruned, _ = run(resnet_block(p), ratio=0.5)  # defaults: min_channels=8, multiple_of=8
     assert node_weight(pruned, "convA").shape[0] == 8
+    pruned, report = run(resnet_block(p), ratio=0.3)  # 16 -> 11 -> rounded up to 16: nothing to do
+    assert not report.records[0].changed
     p_ = prune.PruneChannels(ratio=0.3, min_channels=8, multiple_of=8)
-    assert [p_.channels_to_keep(n, 0.3) for n in (8, 16, 64, 256, 2048)] == [8, 8, 48, 176, 1432]
+    assert [p_.channels_to_keep(n, 0.3) for n in (4, 8, 16, 64, 256, 2048)] == [4, 8, 16, 48, 184, 1440]
     assert p_.channels_to_keep(19, 0.0) == 19
+    assert prune.PruneChannels(min_channels=12, multiple_of=8).channels_to_keep(16, 0.5) == 16
 
 
 # --------------------------------------------------------------------------- MobileNet-style block
@@ -486,3 +489,17 @@ def test_magnitude_leaves_overridable_weights_alone():
     out, report = run(model, "prune_magnitude", sparsity=0.5)
     np.testing.assert_array_equal(weights(out)["wM"], p["wM"])
     assert np.count_nonzero(node_weight(out, "gemm") == 0) == round(0.5 * p["wG"].size)
+
+
+def test_channels_read_inside_a_subgraph_are_left_alone_and_subgraph_layers_reported():
+    p = {"wA": rand(16, 8, 1, 1), "bA": rand(16), "wB": rand(16, 16, 1, 1), "bB": rand(16)}
+    then_g = helper.make_graph([helper.make_node("Relu", ["a"], ["t"])], "then", [], [vi("t", [1, 16, 4, 4])])
+    else_g = helper.make_graph([conv("convB", "a", "wB", "bB", "e")], "else", [], [vi("e", [1, 16, 4, 4])])
+    nodes = [conv("convA", "x", "wA", "bA", "a"),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if")]
+    model = make_model(nodes, [vi("x", [1, 8, 4, 4]), vi("c", [], TensorProto.BOOL)], [vi("y", [1, 16, 4, 4])],
+                       [init(k, v) for k, v in p.items()])
+    pruned, report = channels(model)
+    assert not report.records[0].changed
+    assert "left convA alone: 'a' is read inside a subgraph" in notes(report)
+    assert "convB: inside an If/Loop/Scan body" in notes(report)

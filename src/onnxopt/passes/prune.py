@@ -750,17 +750,12 @@ class PruneChannels(Pass):
         return min(overrides) if overrides else float(self.options["ratio"])
 
     def channels_to_keep(self, size: int, ratio: float) -> int:
-        """size·(1 − ratio) rounded to the nearest multiple of `multiple_of` (onnxruntime's conv
-        kernels work on blocks of 8/16 channels; partial blocks cost nearly a whole one), at least
-        `min_channels`, at most `size`."""
-        step, floor = self.options["multiple_of"], min(size, self.options["min_channels"])
-        if ratio == 0.0:
-            return size
-        n = size - int(np.floor(ratio * size + 0.5))
-        n = int(np.floor(n / step + 0.5)) * step
-        if n < floor:
-            n = -(-floor // step) * step
-        return min(size, n)
+        """size − round(ratio·size), at least `min_channels`, rounded up to a multiple of
+        `multiple_of` (onnxruntime's conv kernels work on blocks of 8/16 channels and a partial
+        block costs nearly a whole one), at most `size`: never more than `ratio` is removed."""
+        n = max(size - int(np.floor(ratio * size + 0.5)), min(size, self.options["min_channels"]))
+        step = self.options["multiple_of"]
+        return min(size, -(-n // step) * step)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> bool:
         if float(self.options["ratio"]) == 0.0 and not any((self.options["per_layer"] or {}).values()):

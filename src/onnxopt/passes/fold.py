@@ -133,6 +133,11 @@ class FoldConstants(Pass):
                 continue
             if not is_default_domain(node) or node.op in NO_FOLD or _subgraphs(node):
                 continue
+            if node.op == "DequantizeLinear":
+                # DQ(int8/int32 initializer) is a quantized weight or bias: folding it to a float
+                # constant would erase the QAT structure import_qdq keeps bit-exact (and quadruple the
+                # size). Q of a float constant still folds: DQ(int8 constant) is what we want.
+                continue
             values = None
             special = _shape_fold(node, scope) if node.op in ("Shape", "Size", "Gather") else None
             if special is not None:

@@ -3,4 +3,5 @@
 Importing the package registers the passes. The lowering targets and numerics are in common.py.
 """
 from . import dynamic  # noqa: F401  (registers quantize_dynamic)
+from . import qdq  # noqa: F401  (registers import_qdq)
 from . import static  # noqa: F401  (registers quantize_static, quantize_auto)

@@ -503,3 +503,60 @@ def test_channels_read_inside_a_subgraph_are_left_alone_and_subgraph_layers_repo
     assert not report.records[0].changed
     assert "left convA alone: 'a' is read inside a subgraph" in notes(report)
     assert "convB: inside an If/Loop/Scan body" in notes(report)
+
+
+# ---------------------------------------------- ConvTranspose, per-channel constants, Pad, Reduce
+
+def passthrough_model(p):
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "wT"], ["t"], name="convT", strides=[2, 2]),
+        helper.make_node("Mul", ["t", "sc"], ["tm"], name="mul"),
+        helper.make_node("Add", ["sh", "tm"], ["ta"], name="add"),
+        helper.make_node("Pad", ["ta", "pads"], ["tp"], name="pad", mode="reflect"),
+        helper.make_node("LeakyRelu", ["tp"], ["tl"], alpha=0.1),
+        conv("convC", "tl", "wC", "bC", "c"),
+        helper.make_node("PRelu", ["c", "slope"], ["cp"]),
+        helper.make_node("ReduceMean", ["cp", "axes"], ["r"], keepdims=0, name="mean"),
+        helper.make_node("Gemm", ["r", "wG", "bG"], ["g"], name="gemmG"),
+        helper.make_node("Relu", ["g"], ["gr"]),
+        helper.make_node("Gemm", ["gr", "wH", "bH"], ["y"], name="gemmH", transB=1),
+    ]
+    inits = [init(k, v) for k, v in p.items()]
+    return make_model(nodes, [vi("x", [2, 4, 5, 5])], [vi("y", [2, 3])], inits, opset=18)
+
+
+def test_convtranspose_constants_pad_and_reduce_like_hand_sliced_weights():
+    p = {"wT": rand(4, 16, 2, 2), "sc": rand(16, 1, 1), "sh": rand(1, 16, 1, 1),
+         "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "wC": rand(16, 16, 3, 3), "bC": rand(16),
+         "slope": np.abs(rand(16, 1, 1)), "axes": np.array([2, 3], np.int64), "wG": rand(16, 6), "bG": rand(6),
+         "wH": rand(3, 6), "bH": rand(3)}
+    model = passthrough_model(p)
+    pruned, report = channels(model)
+    _, got, feeds = check_valid(model, pruned)
+    kt, kc, kg = keep_of([p["wT"]], 12, out_axis=1), keep_of([p["wC"]], 12), keep_of([p["wG"]], 4, out_axis=1)
+    q = dict(p, wT=p["wT"][:, kt], sc=p["sc"][kt], sh=p["sh"][:, kt], wC=p["wC"][kc][:, kt], bC=p["bC"][kc],
+             slope=p["slope"][kc], wG=p["wG"][kc][:, kg], bG=p["bG"][kg], wH=p["wH"][:, kg])
+    np.testing.assert_array_equal(node_weight(pruned, "gemmG"), q["wG"])
+    np.testing.assert_allclose(got[0], verify.run(passthrough_model(q), feeds)[0], rtol=1e-5, atol=1e-5)
+    assert "gemmH alone" in notes(report)
+
+
+@pytest.mark.parametrize("training", [None, False, True])
+def test_dropout_passes_channels_through_unless_training(training):
+    p = {"wA": rand(16, 8, 1, 1), "bA": rand(16), "wB": rand(4, 16, 1, 1), "bB": rand(4)}
+    extra, drop_inputs = [], ["a"]
+    if training is not None:
+        extra = [init("r", np.float32(0.5)), init("tm", np.array(training))]
+        drop_inputs = ["a", "r", "tm"]
+    nodes = [conv("convA", "x", "wA", "bA", "a"), helper.make_node("Dropout", drop_inputs, ["d"], name="drop"),
+             conv("convB", "d", "wB", "bB", "y")]
+    model = make_model(nodes, [vi("x", [1, 8, 4, 4])], [vi("y", [1, 4, 4, 4])],
+                       [init(k, v) for k, v in p.items()] + extra)
+    pruned, report = channels(model)
+    if training:
+        assert "left convA alone: drop: Dropout in training mode" in notes(report)
+        assert node_weight(pruned, "convA").shape[0] == 16
+    else:
+        assert node_weight(pruned, "convA").shape[0] == 12
+        assert node_weight(pruned, "convB").shape[1] == 12
+        check_valid(model, pruned)

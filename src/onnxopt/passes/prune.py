@@ -323,8 +323,7 @@ class ChannelAnalysis:
         if op == "Concat":
             return self._concat(node, mapped)
         i, t, m = mapped[0]
-        extra = [x for x in mapped[1:]] + ([mapped[0]] if i != 0 else [])
-        if extra:
+        if len(mapped) > 1 or i != 0:
             for _, _, mm in mapped:
                 self.block(mm.space, f"{label} ({op}) reads the channels as a parameter")
             return None

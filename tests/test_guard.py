@@ -76,7 +76,7 @@ def cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def pays(models, feed):  # a fake timer: int8 twice as fast everywhere
+def pays(models, feeds):  # a fake timer: int8 twice as fast everywhere
     return [1.0, 0.5]
 
 
@@ -114,7 +114,7 @@ def test_sensitive_node_goes_back_to_fp32_and_the_model_meets_the_tolerance(targ
 def test_report_names_every_fallback_and_every_candidate():
     model = outlier_mlp()
 
-    def timer(models, feed):  # mm3 alone does not pay; everything else does
+    def timer(models, feeds):  # mm3 alone does not pay; everything else does
         names = {n.name for n in models[0].graph.node}
         return [1.0, 2.0] if names == {"mm3"} else [1.0, 0.5]
 
@@ -168,7 +168,7 @@ def test_deterministic_for_a_fixed_seed():
 def test_cost_guard_keeps_fp32_where_int8_does_not_pay():
     model = outlier_mlp()
 
-    def timer(models, feed):
+    def timer(models, feeds):
         whole = len(models[0].graph.node) > 2
         return [1.0, 0.5] if whole else [1.0, 1.02]  # no single op pays by 1.05x
 
@@ -182,7 +182,7 @@ def test_whole_model_slower_falls_back_to_the_optimized_fp32_model():
     model = outlier_mlp()
     calls = []
 
-    def timer(models, feed):
+    def timer(models, feeds):
         whole = len(models[0].graph.node) > 2
         calls.append(whole)
         return [1.0, 1.3] if whole else [1.0, 0.5]  # every op pays alone, the whole model does not
@@ -198,7 +198,7 @@ def test_whole_model_slower_falls_back_to_the_optimized_fp32_model():
 def test_whole_model_drops_the_least_gain_first():
     model = outlier_mlp()
 
-    def timer(models, feed):
+    def timer(models, feeds):
         names = {n.name for n in models[0].graph.node}
         if len(names) > 2:  # whole model: fast enough only once mm1 is float
             return [1.0, 1.2 if any(n.op_type == "QGemm" and n.name.startswith("mm1") for n in models[1].graph.node)

@@ -560,3 +560,15 @@ def test_dropout_passes_channels_through_unless_training(training):
         assert node_weight(pruned, "convA").shape[0] == 12
         assert node_weight(pruned, "convB").shape[1] == 12
         check_valid(model, pruned)
+
+
+def test_layers_that_are_not_prunable_are_reported():
+    p = {"wB": rand(4, 16, 1, 1), "wG": rand(16, 2, 1, 1)}
+    nodes = [conv("convA", "x", "wA", "", "a"), helper.make_node("Identity", ["wB"], ["wBi"]),
+             conv("convB", "a", "wBi", "", "b"), conv("grouped", "b", "wG", "", "y", group=2)]
+    model = make_model(nodes, [vi("x", [1, 8, 4, 4]), vi("wA", [16, 8, 1, 1])], [vi("y", [1, 16, 4, 4])],
+                       [init(k, v) for k, v in p.items()])
+    pruned, report = channels(model)
+    text = notes(report)
+    assert "2 layer(s) not prunable, weight is not a constant initializer: convA, convB" in text
+    assert "1 layer(s) not prunable, grouped Conv: grouped" in text

@@ -259,6 +259,7 @@ class ChannelAnalysis:
         self.tensors: Dict[int, gs.Tensor] = {}
         self.slices: List[Slice] = []
         self.group_attrs: List[Tuple[gs.Node, ChannelMap]] = []  # depthwise convs: group = kept channels
+        self.skipped: Dict[str, List[gs.Node]] = {}  # layers that are not prunable, by reason
         self.local = {id(n) for n in graph.nodes}
         for node in graph.nodes:
             self._visit(node)
@@ -572,41 +573,42 @@ class ChannelAnalysis:
         if node.op not in WEIGHT_OPS or len(node.inputs) < 2 or len(node.outputs) != 1:
             return None
         w = node.inputs[1]
-        if not _is_const(self.ctx, w) or not _float(w) or any(t is w for t in node.inputs[:1]):
-            return None
+        if not _is_const(self.ctx, w) or any(t is w for t in node.inputs[:1]):
+            return self._skip(node, "weight is not a constant initializer")
+        if not _float(w):
+            return self._skip(node, "weight is not a float tensor")
         ws = tuple(w.shape)
         b = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
         if b is not None and not _is_const(self.ctx, b):
-            return None
+            return self._skip(node, "bias is not a constant initializer")
         if node.op in ("Conv", "ConvTranspose"):
-            if int(_attr(node, "group", 1)) != 1 or len(ws) < 3:
-                return None
+            group = int(_attr(node, "group", 1))
+            if group != 1:  # depthwise convs follow their input's channels: not a layer of their own
+                return None if node.op == "Conv" and ws[1] == 1 else self._skip(node, f"grouped {node.op}")
             w_axis = 0 if node.op == "Conv" else 1
             size, rank, axis = ws[w_axis], len(ws), 1
             b_axis = 0
         else:
             if len(ws) != 2:
-                return None
+                return self._skip(node, "weight is not 2-D")
             if node.op == "Gemm":
                 if _attr(node, "transA", 0):
-                    return None
+                    return self._skip(node, "Gemm with transA=1")
                 w_axis = 0 if _attr(node, "transB", 0) else 1
                 rank, axis, size = 2, 1, ws[w_axis]
                 b_axis = None
                 if b is not None:
                     bs = tuple(b.shape)
-                    if len(bs) > 2 or (len(bs) == 2 and bs[0] != 1):
-                        return None
+                    if len(bs) > 2 or (len(bs) == 2 and bs[0] != 1) or (bs and bs[-1] not in (1, size)):
+                        return self._skip(node, "Gemm bias is not one value per output channel")
                     if bs and bs[-1] == size:
                         b_axis = len(bs) - 1
-                    elif bs and bs[-1] != 1:
-                        return None
             else:
                 if mapped and mapped[0][0] == 0 and mapped[0][2].axis != mapped[0][2].rank - 1:
-                    return None
+                    return None  # (blocked already: its input's channels are not the reduced axis)
                 rank = mapped[0][2].rank if mapped and mapped[0][0] == 0 else self.ctx.rank(node.inputs[0])
                 if rank is None or rank < 2:
-                    return None
+                    return self._skip(node, "MatMul input of unknown rank or rank < 2")
                 w_axis, axis, size, b_axis = 1, rank - 1, ws[1], None
         space = self._new_space(size, producer=node)
         m = ChannelMap(space, axis, 1, rank, size)
@@ -614,6 +616,10 @@ class ChannelAnalysis:
         if b is not None and b_axis is not None:
             self._slice(node, 2, b_axis, m)
         return m
+
+    def _skip(self, node: gs.Node, reason: str) -> None:
+        self.skipped.setdefault(reason, []).append(node)
+        return None
 
     def _check_boundaries(self) -> None:
         outputs = {id(t): t for t in self.graph.outputs}
@@ -764,6 +770,10 @@ class PruneChannels(Pass):
             if layers:
                 ctx.note(f"{_names(layers)}: inside an If/Loop/Scan body; prune_channels prunes the main graph only")
         analysis = ChannelAnalysis(graph, ctx)
+        for reason, nodes in analysis.skipped.items():
+            hint = " (run the default preset first: it removes Identity/Constant nodes in front of weights)" \
+                if "constant initializer" in reason else ""
+            ctx.note(f"{len(nodes)} layer(s) not prunable, {reason}: {_names(nodes)}{hint}")
         keep: Dict[int, np.ndarray] = {}
         params_before = _weight_params(graph)
         pruned_layers = 0

@@ -5,6 +5,7 @@
 
 For every model, in one process:
   fp32            the original model in onnxruntime (ORT_ENABLE_ALL)
+  default         onnxopt "default" preset alone (exact): what pruning's figures include besides pruning
   pruned          onnxopt "default" then prune_channels(ratio) (not fine-tuned)
   int8            onnxopt "int8" preset (static, calibrated on random inputs) when it exists
   pruned+int8     prune_channels then the "int8" preset
@@ -96,7 +97,7 @@ def bench_latency(path, args):
     evals = [random_feed(specs, rng) for _ in range(4)]
     src = onnx.load(path)
     has_int8 = "int8" in onnxopt.passes.list_presets()
-    models, notes = {"fp32": path}, {}
+    models, notes = {"fp32": path, "default": onnxopt.optimize(src, ["default"])}, {}
     t0 = time.perf_counter()
     models["pruned"], report = onnxopt.optimize(src, ["default", prune_pass(args.ratio, args.multiple_of)],
                                                 return_report=True)

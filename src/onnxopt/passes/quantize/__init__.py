@@ -3,5 +3,6 @@
 Importing the package registers the passes. The lowering targets and numerics are in common.py.
 """
 from . import dynamic  # noqa: F401  (registers quantize_dynamic)
+from . import fp16  # noqa: F401  (registers convert_fp16)
 from . import qdq  # noqa: F401  (registers import_qdq)
 from . import static  # noqa: F401  (registers quantize_static, quantize_auto)

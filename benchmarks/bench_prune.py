@@ -14,13 +14,15 @@ each a timed batch of calls sized to ~0.2 s; the median over rounds. session.int
 Size: bytes of the model with its weights. Fidelity on random inputs: cosine of the first output
 against fp32 and top-1 agreement (a pruned, untrained-after-pruning net is expected to drift).
 With --data (digits_data.npz: Xte/yte) a model with input [b, 1, 8, 8] also gets its test accuracy
-at ratios 0.1 / 0.3 / 0.5, without fine-tuning, with multiple_of=1 (the exact ratio) and the default.
+at ratios 0.1 / 0.3 / 0.5, without fine-tuning, with multiple_of=1 (the exact ratio) and the default,
+and after prune_magnitude (50% unstructured, 2:4) with its zlib-compressed size against the original's.
 Ends with a summary line (targets for ResNet-50 at ratio 0.3: >= 1.5x faster, <= 0.55x size).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import zlib
 import statistics
 import sys
 import tempfile
@@ -144,7 +146,17 @@ def bench_accuracy(path, digits, args):
             cos = float((base.ravel() @ out.ravel()) / (np.linalg.norm(base) * np.linalg.norm(out) + 1e-30))
             rows.append((f"ratio {ratio:.1f}", str(multiple_of), float(np.mean(out.argmax(-1) == y)),
                          size_of(m) / size_of(path), cos, " ".join(kept_summary(report))))
+    for label, options in (("mag 50%", {"sparsity": 0.5}), ("mag 2:4", {"pattern": "2:4"})):
+        m = onnxopt.optimize(src, [onnxopt.get_pass("prune_magnitude", **options)])
+        out = session(m, args.threads).run(None, {name: x})[0]
+        cos = float((base.ravel() @ out.ravel()) / (np.linalg.norm(base) * np.linalg.norm(out) + 1e-30))
+        rows.append((label, "-", float(np.mean(out.argmax(-1) == y)), size_of(m) / size_of(path), cos,
+                     f"zlib size {compressed(m) / compressed(src):.3f} of the original's"))
     return rows
+
+
+def compressed(model):
+    return len(zlib.compress(model.SerializeToString(), 6))
 
 
 def main():

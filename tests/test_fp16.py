@@ -108,9 +108,19 @@ def test_minimal_casts_and_idempotent():
     assert [n.op_type for n in again.graph.node] == [n.op_type for n in out.graph.node]
 
 
-def test_keep_io_types_false_is_refused_clearly():
-    with pytest.raises(onnxopt.OptimizeError, match="keep_io_types=False"):
-        onnxopt.get_pass("convert_fp16", keep_io_types=False)
+def test_keep_io_types_false_gives_a_float16_interface():
+    m = small_net()
+    out, _ = convert(m, keep_io_types=False)
+    onnx.checker.check_model(out, full_check=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(out.graph.input) + list(out.graph.output)}
+    assert types["x"] == TensorProto.FLOAT16 and types["y"] == TensorProto.FLOAT16
+    assert types["idx"] == TensorProto.INT64  # non-float outputs untouched
+    got = run(out, {"x": FEEDS["x"].astype(np.float16)})
+    ref = run(m, FEEDS)
+    assert got[0].dtype == np.float16
+    np.testing.assert_allclose(got[0].astype(F32), ref[0], rtol=2e-2, atol=2e-2)
+    with pytest.raises(onnxopt.OptimizeError, match="keep_io_types"):
+        onnxopt.get_pass("convert_fp16", keep_io_types="no")
 
 
 def test_control_flow_stays_float32():

@@ -406,13 +406,15 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
                     node.metadata_props.extend(meta)
     if template.training_info:
         model.training_info.extend(template.training_info)
-    # Graph inputs/outputs keep the source's declared types exactly (exact passes never change
-    # them; shape inference would otherwise invent names like unk__0 for unknown dims).
+    # Graph inputs/outputs keep the source's declared types exactly (shape inference would
+    # otherwise invent names like unk__0 for unknown dims), unless a pass changed the element type
+    # on purpose (convert_fp16 without keep_io_types).
     for field in ("input", "output"):
         declared = {v.name: v for v in getattr(template.graph, field)}
         for v in getattr(model.graph, field):
-            if v.name in declared:
-                v.CopyFrom(declared[v.name])
+            src = declared.get(v.name)
+            if src is not None and src.type.tensor_type.elem_type == v.type.tensor_type.elem_type:
+                v.CopyFrom(src)
     if template.ir_version < 4:  # IR < 4: every initializer must also be a graph input
         listed = {i.name for i in model.graph.input}
         for t in model.graph.initializer:

@@ -73,11 +73,8 @@ class ConvertFP16(Pass):
     options = {"keep_io_types": True, "op_block_list": (), "node_block_list": ()}
 
     def validate_options(self) -> None:
-        if self.options["keep_io_types"] is not True:
-            # ir.export_model gives graph inputs/outputs the source's declared types, so a float16
-            # interface cannot be expressed yet; refuse rather than write a model that fails the checker.
-            raise PassOptionError(f"{self.name}: keep_io_types=False is not supported yet (graph inputs and "
-                                  "outputs keep their float32 types; each gets one Cast)")
+        if not isinstance(self.options["keep_io_types"], bool):
+            raise PassOptionError(f"{self.name}: keep_io_types must be True or False")
         for k in ("op_block_list", "node_block_list"):
             if isinstance(self.options[k], str):
                 raise PassOptionError(f"{self.name}: {k} must be a list of names, not a string")

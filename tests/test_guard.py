@@ -258,3 +258,17 @@ def test_bad_guard_options():
             onnxopt.get_pass("quantize_auto", **bad)
     p = onnxopt.get_pass("quantize_auto", tolerance=0.99, autotune=False)
     assert guard.tolerance_of(p.options) == {"cosine": 0.99}
+
+
+def test_onnxruntime_target_is_timed_as_a_whole_model_only():
+    """onnxruntime runs chains of QDQ ops in int8 NHWC regions: a lone op's time says nothing."""
+    sizes = []
+
+    def timer(models, feeds):
+        sizes.append(len(models[0].graph.node))
+        return [1.0, 0.5]
+
+    q, report = run_auto(outlier_mlp(), feeds(1), timer=timer, target="onnxruntime")
+    assert sizes and all(n == 5 for n in sizes)  # the whole (float) model every time
+    assert {r["node"] for r in report.quantization if r["quantized"]} == {"mm1", "mm3"}
+    assert "QuantizeLinear" in [n.op_type for n in q.graph.node]

@@ -4,10 +4,11 @@ The calibration feeds are split: ranges are fitted on the first part, everything
 (fidelity, sensitivity, timing shapes) uses the held-out rest. On the candidate sites (quantize_static's,
 after `min_macs`):
 
-1. cost (`autotune`): each site, cut out as a one-op model with the input it saw on held-out data, is
-   timed in float and in int8 on this machine (interleaved medians, sessions without spinning,
-   `threads` threads); a site stays float unless int8 is at least `min_speedup` times faster. Sites
-   with the same shapes and attributes are timed once.
+1. cost (`autotune`, com.onnxopt target): each site, cut out as a one-op model with the input it saw
+   on held-out data, is timed in float and in int8 on this machine (interleaved medians, sessions
+   without spinning, `threads` threads); a site stays float unless int8 is at least `min_speedup`
+   times faster. Sites with the same shapes and attributes are timed once. (onnxruntime's QDQ ops
+   only pay in chains, so for that target step 3 decides alone.)
 2. accuracy (`tolerance` or `eval_fn`/`max_drop`): when the model with every remaining site quantized
    misses the tolerance, sites are ranked by their effect: SQNR of each site's own output when only it
    is quantized (one run of a "shadow" model holding a quantized copy of every site next to the float
@@ -178,39 +179,6 @@ def fusion_audit(model: onnx.ModelProto) -> dict:
     return {"fused": fused, "unfused": unfused, "coverage": fused / total if total else 1.0}
 
 
-def steady_state(q: onnx.ModelProto, feed: Dict[str, np.ndarray]) -> Tuple[onnx.ModelProto, Dict[str, np.ndarray]]:
-    """A one-op QDQ model as it runs between int8 neighbours: its input's QuantizeLinear and its
-    output's DequantizeLinear (when the output was quantized) left out, the input fed as u8. Alone,
-    onnxruntime's QLinearConv pays for quantizing and dequantizing at both ends; in a chain of int8
-    ops it does not, so timing the op with them would condemn every QDQ op."""
-    g = q.graph
-    x = g.input[0].name
-    users = [n for n in g.node if x in n.input]
-    if len(g.input) != 1 or len(users) != 1 or users[0].op_type != "QuantizeLinear":
-        return q, feed
-    qn = users[0]
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
-    scale, zp = inits.get(qn.input[1]), inits.get(qn.input[2]) if len(qn.input) > 2 else np.uint8(0)
-    if scale is None or zp is None:
-        return q, feed
-    xq = np.clip(np.rint(feed[x] / scale.astype(F32)) + zp.astype(np.int32), 0, 255).astype(np.uint8)
-    nodes = [n for n in g.node if n is not qn]
-    out = g.output[0]
-    producer = {o: n for n in nodes for o in n.output}
-    dq = producer.get(out.name)
-    outputs = [out]
-    if dq is not None and dq.op_type == "DequantizeLinear" and \
-            getattr(producer.get(dq.input[0]), "op_type", "") == "QuantizeLinear":
-        nodes = [n for n in nodes if n is not dq]
-        outputs = [onnx.helper.make_tensor_value_info(dq.input[0], onnx.TensorProto.UINT8, None)]
-    graph = onnx.helper.make_graph(
-        nodes, g.name, [onnx.helper.make_tensor_value_info(qn.output[0], onnx.TensorProto.UINT8, list(xq.shape))],
-        outputs, list(g.initializer))
-    m = onnx.helper.make_model(graph, opset_imports=list(q.opset_import))
-    m.ir_version = q.ir_version
-    return m, {qn.output[0]: xq}
-
-
 # ------------------------------------------------------------------------------------------ guard
 
 @contextlib.contextmanager
@@ -324,7 +292,10 @@ class Guard:
         self.fp32 = calibrate.export_for_calibration(graph, ctx)
         self.measure_sites()
         kept = [s.node.name for s in sites]
-        if self.o["autotune"]:
+        if self.o["autotune"] and self.target == "onnxopt":
+            # onnxruntime's QDQ ops are not timed alone: it runs chains of them in NHWC int8 regions,
+            # so a lone op pays layout transposes a chain does not (seen: every MobileNet conv slower
+            # alone, the whole model 2.3x faster). The whole-model check below decides for them.
             kept = self.tune_nodes(kept)
         if self.accuracy:
             if self.eval_fn is not None:
@@ -387,10 +358,7 @@ class Guard:
         for n in names:
             model, feed, key = self.single_op(n)
             if key not in cache:
-                q, qfeed = self.build(model, {n}), feed
-                if self.target == "onnxruntime":
-                    q, qfeed = steady_state(q, feed)
-                t = self.timer([model, q], [feed, qfeed])
+                t = self.timer([model, self.build(model, {n})], [feed, feed])
                 cache[key] = (float(t[0]), float(t[1]))
             tf, tq = cache[key]
             r = self.rows[n]
@@ -446,12 +414,14 @@ class Guard:
             q = self.build(self.fp32, set(kept))
             tf, tq = (float(t) for t in self.timer([self.fp32, q], [feed, feed]))
             timing = (tf, tq)
-            if tq > 0 and tf / tq >= margin:
+            speed = tf / tq if tq > 0 else math.inf
+            if speed >= margin:
                 return kept, timing
-            gain = sorted(kept, key=lambda n: self.rows[n].get("ms_fp32", 0) - self.rows[n].get("ms_int8", 0))
+            gain = sorted(kept, key=lambda n: (self.rows[n].get("ms_fp32", 0) - self.rows[n].get("ms_int8", 0),
+                                               self.rows[n]["macs"]))
             drop = set(gain[:max(1, len(kept) // 2)])
             for n in drop:
-                self.fall_back(n, f"cost: whole model int8 {tf / tq:.2f}x of fp32 (< {margin:g}x), "
+                self.fall_back(n, f"cost: whole model int8 {speed:.2f}x of fp32 (< {margin:g}x), "
                                   f"least time saved")
             kept = [n for n in kept if n not in drop]
         return kept, timing
@@ -483,7 +453,7 @@ class Guard:
         ctx.note(f"guard: fidelity on {len(self.check)} held-out feed(s), {n_samples} sample(s): {fid.text()}{want}")
         if timing is not None:
             ctx.note(f"guard: whole model {timing[1]:.3f} ms int8 vs {timing[0]:.3f} ms fp32 = "
-                     f"{timing[0] / timing[1]:.2f}x on a held-out feed ({self.o['threads']} thread(s), "
+                     f"{timing[0] / max(timing[1], 1e-12):.2f}x on a held-out feed ({self.o['threads']} thread(s), "
                      f"interleaved medians; noisy on a shared machine)")
         if self.target == "onnxruntime":
             audit = fusion_audit(self.build(self.fp32, set(kept)))

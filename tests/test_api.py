@@ -222,3 +222,18 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     onnxopt.save(out, path)
     assert sorted(os.listdir(tmp_path)) == ["o.onnx"]
     assert onnx.load(path).SerializeToString() == out.SerializeToString()
+
+
+class DoubleWeights(BreakConstants):
+    """Test pass: an approximate pass (doubles the weights)."""
+    name = "test_double_weights"
+    exact = False
+
+
+def test_approximate_passes_get_a_fidelity_figure():
+    out, report = onnxopt.optimize(_mlp(), passes=[DropIdentity(), DoubleWeights()], return_report=True)
+    assert report.fidelity is not None and report.fidelity["cosine"] > 0.99  # doubling keeps direction
+    assert report.fidelity["max_abs_diff"] > 0
+    assert any(name == "fidelity" for name, _ in report.messages)
+    _, exact_report = onnxopt.optimize(_mlp(), passes=[DropIdentity()], return_report=True)
+    assert exact_report.fidelity is None  # exact pipelines are not re-run unless asked

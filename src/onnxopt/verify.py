@@ -59,6 +59,19 @@ def make_feeds(model: onnx.ModelProto, seed: int = 0, dims: Optional[Dict[str, i
     return feeds
 
 
+def sample_feeds(model: onnx.ModelProto, calibration=None, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Inputs to compare models on: the first calibration feed when there is calibration data
+    (approximate passes are judged on real data: random inputs fall outside calibrated ranges),
+    else generated ones."""
+    if calibration is not None:
+        from .passes.quantize.calibrate import iter_feeds
+
+        feed = next(iter(iter_feeds(calibration)), None)
+        if feed is not None:
+            return feed
+    return make_feeds(model, seed)
+
+
 def session(model: onnx.ModelProto, optimization: str = "disable", threads: int = 1, tmpdir: Optional[str] = None):
     """An onnxruntime session for `model`; custom ops registered when the model uses them."""
     import onnxruntime as ort
@@ -123,12 +136,7 @@ def verify_pipeline(source: "ir.Source", result: onnx.ModelProto, pipeline, *, c
     from .api import run_pipeline
 
     original = source.full()
-    feeds = make_feeds(original, seed)
-    if calibration is not None and not all(p.exact for p in pipeline):
-        # approximate passes are judged on real data: random inputs fall outside calibrated ranges
-        from .passes.quantize.calibrate import iter_feeds
-
-        feeds = next(iter(iter_feeds(calibration)), feeds)
+    feeds = sample_feeds(original, calibration if not all(p.exact for p in pipeline) else None, seed)
     ref = run(original, feeds)
     del original
     exact = all(p.exact for p in pipeline)

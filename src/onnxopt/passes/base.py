@@ -97,6 +97,7 @@ class Report:
     nodes_after: int = 0
     iterations: int = 0
     seconds: float = 0.0
+    fidelity: Optional[dict] = None  # set by optimize() when an approximate pass changed the model
 
     def summary(self) -> List[dict]:
         """Per pass (in first-run order): runs, total seconds, total node delta, changed count."""
@@ -288,6 +289,11 @@ def _close_names(name: str) -> str:
 
     close = difflib.get_close_matches(name, list(_REGISTRY) + list(_PRESETS), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def pass_is_exact(pipeline: Sequence[Pass], name: str) -> bool:
+    """Exactness of the pass called `name` in `pipeline` (True if absent)."""
+    return next((p.exact for p in pipeline if p.name == name), True)
 
 
 def resolve(passes: Optional[Iterable[Union[str, Pass]]]) -> List[Pass]:

@@ -439,7 +439,8 @@ class Guard:
         ctx.report.quantization = list(self.rows.values())
         falls = [r["node"] for r in self.rows.values() if r["reason"].startswith(("accuracy", "cost"))]
         if falls:
-            ctx.note(f"guard: kept {len(falls)} node(s) in fp32: {', '.join(falls)}")
+            more = f" and {len(falls) - 12} more (all in the table)" if len(falls) > 12 else ""
+            ctx.note(f"guard: kept {len(falls)} node(s) in fp32: {', '.join(falls[:12])}{more}")
         if not kept:
             ctx.note("guard: nothing worth quantizing: the result is the optimized fp32 model")
             return False

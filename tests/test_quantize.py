@@ -8,6 +8,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxopt
+from onnxopt.passes import base
 from onnxopt import runtime, verify
 from onnxopt.passes.quantize import common
 
@@ -418,8 +419,12 @@ def test_entropy_range_clips_outliers():
 
 def test_int8_preset_picks_static_or_dynamic(cnn):
     model, xcal, xte, _ = cnn
-    assert onnxopt.list_presets()["int8"] == ["default", "quantize_auto"]
-    q_static = onnxopt.optimize(model, ["int8"], calibration=calib(xcal))
+    assert onnxopt.list_presets()["int8"] == ["default", "import_qdq", "quantize_auto"]
+    auto = [p for p in base.resolve(["int8"]) if p.name == "quantize_auto"][0]
+    assert auto.options["autotune"] is True and auto.options["tolerance"]  # the preset guards int8
+    # same pipeline without the timing guard, so the choice of path is deterministic here
+    unguarded = ["default", "import_qdq", onnxopt.get_pass("quantize_auto", tolerance=auto.options["tolerance"])]
+    q_static = onnxopt.optimize(model, unguarded, calibration=calib(xcal))
     assert "QConv" in [n.op_type for n in q_static.graph.node]
     mlp_model = mlp(seed=10)[0]
     q_dyn, report = onnxopt.optimize(mlp_model, ["int8"], return_report=True)

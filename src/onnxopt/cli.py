@@ -48,14 +48,16 @@ def load_calibration(path: str, batch: int) -> list:
     return [{k: a[i:i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
 
 
-def _configure_target(passes, target: Optional[str]):
+def _configure(passes, **overrides):
+    """Resolve `passes` and apply each override to every pass that has that option."""
     from .passes import base
 
-    resolved = base.resolve(passes)
-    if target is None:
-        return resolved
-    return [base.get_pass(p.name, **{**p.options, "target": target}) if "target" in p.options else p
-            for p in resolved]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    out = []
+    for p in base.resolve(passes):
+        mine = {k: v for k, v in overrides.items() if k in p.options}
+        out.append(base.get_pass(p.name, **{**p.options, **mine}) if mine else p)
+    return out
 
 
 def cmd_optimize(args) -> int:
@@ -64,7 +66,8 @@ def cmd_optimize(args) -> int:
 
     if os.path.abspath(args.output) == os.path.abspath(args.model):
         raise OptimizeError("output path is the input path: write the result somewhere else")
-    passes = _configure_target(_split_passes(args.passes), args.target)
+    passes = _configure(_split_passes(args.passes), target=args.target,
+                        autotune=False if args.no_autotune else None)
     calibration = load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
     source = ir.load_source(args.model)
     result, report = optimize(source, passes=passes, calibration=calibration, verify=args.verify,
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--verify", action="store_true", help="check outputs through onnxruntime, name the pass that broke them")
     o.add_argument("--calibration", help="calibration data: .npz (one array per input, samples on axis 0) or a directory of .npz feeds")
     o.add_argument("--calibration-batch", type=int, default=8, help="samples per calibration feed from an .npz (default 8)")
+    o.add_argument("--no-autotune", action="store_true",
+                   help="int8: skip the cost guard's timing (keep every node the accuracy guard accepts)")
     o.add_argument("--target", choices=["onnxopt", "onnxruntime"],
                    help="quantization target: com.onnxopt fused ops or standard QDQ for plain onnxruntime")
     o.add_argument("--no-bench", action="store_true", help="skip the before/after timing table")

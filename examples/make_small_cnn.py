@@ -67,6 +67,8 @@ def build() -> onnx.ModelProto:
     b = weight("fc.bias", (10,), scale=0.05)
     nodes.append(helper.make_node("MatMul", ["drop", w], ["fc.mm"]))
     nodes.append(helper.make_node("Add", ["fc.mm", b], ["logits"]))
+    for node in nodes:  # exporters name every node; name each after the value it computes
+        node.name = node.output[0]
     graph = helper.make_graph(
         nodes, "small_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],

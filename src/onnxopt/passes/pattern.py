@@ -216,7 +216,7 @@ class RewriteRule(Pass):
                         if isinstance(ok, Refusal) or not ok:
                             refusals[str(ok) if isinstance(ok, Refusal) else "condition failed"] += 1
                             continue
-                    if self._replace(graph, ctx, node, args):
+                    if self._replace(graph, ctx, node, args, nodes):
                         for n in nodes:
                             local.discard(id(n))
                         changed = done = True
@@ -228,9 +228,17 @@ class RewriteRule(Pass):
                 ctx.note(f"refused {n}x: {reason}")
         return changed
 
-    def _replace(self, graph: gs.Graph, ctx: PassContext, root: gs.Node, args: Dict) -> bool:
+    def _replace(self, graph: gs.Graph, ctx: PassContext, root: gs.Node, args: Dict, matched=()) -> bool:
         op = OpBuilder(graph, ctx, root.name or self.name)
         result = _call(self.replacement, op, args)
+        # a new node inherits the name of the matched node of its op type it replaces (Conv+BN ->
+        # Conv keeps the Conv's name), so reports and profiles still speak the model's names
+        taken = set()
+        for new in op.nodes:
+            old = next((m for m in matched if m.op == new.op and m.name and m.name not in taken), None)
+            if old is not None:
+                new.name = old.name
+                taken.add(old.name)
         if result is None:  # the replacement declined
             built = {id(n) for n in op.nodes}
             graph.nodes = [n for n in graph.nodes if id(n) not in built]

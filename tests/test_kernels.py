@@ -343,7 +343,8 @@ def test_threads_do_not_change_results():
     if not NATIVE:
         pytest.skip("native module not built")
     rng = np.random.default_rng(11)
-    for (M, Kd, N) in [(1, 300, 200), (16, 64, 700), (100, 129, 70)]:
+    # the last two are big enough (> 2 x 2^23 MACs) to be split into tasks by rows / by columns
+    for (M, Kd, N) in [(1, 300, 200), (16, 64, 700), (100, 129, 70), (200, 700, 300), (33, 2048, 1000)]:
         c = make_gemm_case(rng, M, Kd, N, CONFIGS[2])
         pw = K.pack_weights(c["w"], c["w_zp"])
         assert_bits(run_qgemm(c, pw, threads=2), run_qgemm(c, pw, threads=1))

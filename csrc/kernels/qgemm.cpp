@@ -184,13 +184,22 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
   // when every row fits in 1.5x that budget (e.g. 49 x 4608).
   if (static_cast<long long>(round_up(M, o.MR)) * lda <= 384 * 1024) job.mc = round_up(M, o.MR);
   const int np = B.panels();
-  const int degree = (par.run && par.degree > 1) ? par.degree : 1;
+  // A task must carry enough work to pay for waking a thread (tens of microseconds on a shared
+  // pool): below kMinMacsPerTask per task, use fewer tasks; small GEMMs run on the calling thread.
+  constexpr long long kMinMacsPerTask = 1LL << 23;
+  const long long macs = static_cast<long long>(M) * B.K_ * B.N_;
+  const long long max_tasks = std::max(1LL, macs / kMinMacsPerTask);
+  const int degree = (par.run && par.degree > 1) ? static_cast<int>(std::min<long long>(par.degree, max_tasks)) : 1;
   if (degree > 1) {
     // Split rows first (each task packs/quantizes only its own rows); split columns only when
     // there are too few row tiles to keep every thread busy.
-    const int target = 4 * degree;
+    const int target = static_cast<int>(std::min<long long>(4LL * degree, max_tasks));
     job.mchunks = std::min(job.mtiles, target);
     if (job.mchunks < 2 * degree) job.nchunks = std::min(np, (target + job.mchunks - 1) / job.mchunks);
+  }
+  if (degree == 1) {  // one task, on this thread: no pool round trip
+    for (int i = 0; i < job.mchunks * job.nchunks; ++i) gemm_task(&job, static_cast<std::size_t>(i));
+    return;
   }
   par(gemm_task, static_cast<std::size_t>(job.mchunks) * job.nchunks, &job);
 }

@@ -79,31 +79,13 @@ def make_feed(specs, rng, batch=1):
 
 
 def session(model_or_path, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    if isinstance(model_or_path, onnx.ModelProto) and runtime.uses_custom_ops(model_or_path):
-        return runtime.InferenceSession(model_or_path, sess_options=so, providers=["CPUExecutionProvider"])
-    if isinstance(model_or_path, onnx.ModelProto):
-        if ir.needs_external(model_or_path):
-            d = tempfile.mkdtemp(prefix="bench-e2e-")
-            path = os.path.join(d, "m.onnx")
-            ir.save(model_or_path, path)
-            model_or_path = path
-        else:
-            model_or_path = model_or_path.SerializeToString()
-    return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
+    return verify.session(model_or_path, optimization="all", threads=threads)
 
 
 def size_of(model_or_path):
     if isinstance(model_or_path, onnx.ModelProto):
         return ir.model_size(model_or_path)
-    total = os.path.getsize(model_or_path)
-    data = model_or_path + ".data"
-    return total + (os.path.getsize(data) if os.path.exists(data) else 0)
+    return ir.file_size(model_or_path)
 
 
 class Reader:

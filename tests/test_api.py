@@ -10,7 +10,7 @@ from onnx import helper
 import onnxopt
 from onnxopt import verify
 from onnxopt.ir import replace_uses
-from onnxopt.passes.base import PassManager, PassContext
+
 
 from .helpers import assert_equivalent, init, make_model, vi
 

@@ -6,7 +6,6 @@ import textwrap
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx import helper
 
 import onnxopt

@@ -9,7 +9,6 @@ streamed into the new data file by `save`, never held in memory as a whole model
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import tempfile
 from typing import Iterator, Optional, Union
@@ -497,6 +496,12 @@ def model_size(proto: onnx.ModelProto) -> int:
                 seen.add(key)
                 total += int(info.get("length", 0)) or _tensor_nbytes(t)
     return total + proto.ByteSize()
+
+
+def file_size(path: Union[str, os.PathLike]) -> int:
+    """Bytes of a saved model plus its `<path>.data` external-data file, if any."""
+    data = os.fspath(path) + ".data"
+    return os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:

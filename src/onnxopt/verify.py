@@ -72,8 +72,9 @@ def sample_feeds(model: onnx.ModelProto, calibration=None, seed: int = 0) -> Dic
     return make_feeds(model, seed)
 
 
-def session(model: onnx.ModelProto, optimization: str = "disable", threads: int = 1, tmpdir: Optional[str] = None):
-    """An onnxruntime session for `model`; custom ops registered when the model uses them."""
+def session(model, optimization: str = "disable", threads: int = 1, tmpdir: Optional[str] = None):
+    """An onnxruntime session for `model` (ModelProto or path), spinning off; the custom-op
+    library is registered when the model uses com.onnxopt ops."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -86,6 +87,12 @@ def session(model: onnx.ModelProto, optimization: str = "disable", threads: int 
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
+    if not isinstance(model, onnx.ModelProto):  # a path: only the structure is read to decide
+        path = os.fspath(model)
+        model = onnx.load(path, load_external_data=False)
+        if not any(o.domain == "com.onnxopt" for o in model.opset_import):
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        model = onnx.load(path)
     if any(o.domain == "com.onnxopt" for o in model.opset_import):
         from .runtime import InferenceSession  # registers the custom-op library (or its fallback)
 

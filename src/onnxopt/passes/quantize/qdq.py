@@ -25,7 +25,7 @@ is not positive and finite leaves the chain as float nodes after the op.
 from __future__ import annotations
 
 from collections import Counter
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs

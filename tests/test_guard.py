@@ -272,3 +272,24 @@ def test_onnxruntime_target_is_timed_as_a_whole_model_only():
     assert sizes and all(n == 5 for n in sizes)  # the whole (float) model every time
     assert {r["node"] for r in report.quantization if r["quantized"]} == {"mm1", "mm3"}
     assert "QuantizeLinear" in [n.op_type for n in q.graph.node]
+
+
+# ------------------------------------------------------------------------- dynamic path (no data)
+
+@pytest.mark.parametrize("speed,expect_int8", [(2.0, True), (0.8, False)])
+def test_cost_guard_times_dynamic_quantization_without_calibration(speed, expect_int8):
+    seen = []
+
+    def timer(models, fds):
+        seen.append([sorted({n.op_type for n in m.graph.node}) for m in models])
+        assert fds[0]["x"].shape == (1, K)  # generated inputs: batch 1 for the symbolic dim
+        return [1.0, 1.0 / speed]
+
+    model = outlier_mlp()
+    q, report = onnxopt.optimize(model, ["default", onnxopt.get_pass("quantize_auto", target="onnxopt",
+                                                                     autotune=True, timer=timer)],
+                                 return_report=True)
+    assert len(seen) == 1 and "QGemm" not in seen[0][0] and "QGemm" in seen[0][1]  # fp32 vs int8
+    assert (quantized_nodes(q) != []) == expect_int8
+    note = [t for name, t in report.messages if "dynamic int8" in t]
+    assert note and (("kept fp32" in note[0]) != expect_int8)

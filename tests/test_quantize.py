@@ -427,7 +427,7 @@ def test_int8_preset_picks_static_or_dynamic(cnn):
     q_static = onnxopt.optimize(model, unguarded, calibration=calib(xcal))
     assert "QConv" in [n.op_type for n in q_static.graph.node]
     mlp_model = mlp(seed=10)[0]
-    q_dyn, report = onnxopt.optimize(mlp_model, ["int8"], return_report=True)
+    q_dyn, report = onnxopt.optimize(mlp_model, unguarded, return_report=True)
     assert [n.op_type for n in q_dyn.graph.node] == ["QGemm"] or \
         "DynamicQuantizeLinear" in [n.op_type for n in q_dyn.graph.node]
     assert "dynamic quantization" in str(report)

@@ -182,7 +182,7 @@ def fusion_audit(model: onnx.ModelProto) -> dict:
 # ------------------------------------------------------------------------------------------ guard
 
 @contextlib.contextmanager
-def _scratch(ctx: PassContext, graph: gs.Graph):
+def scratch(ctx: PassContext, graph: gs.Graph):
     """Let the lowering helpers work on a scratch graph without touching the real root or report."""
     saved = ctx.root, ctx.report, ctx._noted
     ctx.root, ctx.report, ctx._noted = graph, Report(), set()
@@ -219,7 +219,7 @@ class Guard:
         """`base` with the sites rooted at the nodes `names` quantized (shadow: quantized copies next to
         the float sites, with both results and each site's input as extra outputs)."""
         g = ir.import_graph(base)
-        with _scratch(self.ctx, g):
+        with scratch(self.ctx, g):
             sites = [s for s in (find_site(n, g, self.ctx) for n in list(g.nodes) if n.name in names)
                      if isinstance(s, Site)]
             if shadow:

@@ -143,9 +143,40 @@ class QuantizeAuto(Pass):
             return guard.Guard(graph, ctx, static, resolve_target(opts["target"]), opts, lower_sites).run()
         dyn = QuantizeDynamic(target=opts["target"], min_macs=opts["min_macs"], exclude=opts["exclude"],
                               op_types=tuple(o for o in opts["op_types"] if o in QuantizeDynamic.supported_ops))
+        accuracy = opts["tolerance"] is not None or opts["eval_fn"] is not None
         ctx.note("no calibration data: dynamic quantization (MatMul/Gemm only)"
-                 + ("; the guards need calibration data and did not run" if self.guarded() else ""))
+                 + ("; the accuracy guard needs calibration data and did not run" if accuracy else ""))
+        if opts["autotune"] and not self._dynamic_pays(graph, ctx, dyn, opts):
+            return False
+
         changed = False
         for g in list(ir.iter_graphs(graph)):
             changed |= bool(dyn.run(g, ctx))
         return changed
+
+    @staticmethod
+    def _dynamic_pays(graph: gs.Graph, ctx: PassContext, dyn, opts) -> bool:
+        """Cost guard without calibration data: time the whole model fp32 vs dynamic int8 on generated
+        inputs (batch 1, other symbolic dims 128) and keep fp32 unless int8 is min_speedup faster."""
+        from ... import verify
+        from ..base import tidy
+
+        fp32 = calibrate.export_for_calibration(graph, ctx)
+        trial = ir.import_graph(fp32)
+        with guard.scratch(ctx, trial):
+            changed = any([bool(dyn.run(g, ctx)) for g in list(ir.iter_graphs(trial))])
+        if not changed:
+            return True  # nothing to quantize: let the real run say so
+        tidy(trial)
+        int8 = ir.export_model(trial, fp32)
+        dims = {d.dim_param: (1 if i == 0 else 128) for vi in fp32.graph.input
+                for i, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param}
+        feed = verify.make_feeds(fp32, seed=0, dims=dims)
+        timer = opts["timer"] or (lambda models, feeds: guard.time_models(models, feeds, int(opts["threads"])))
+        tf, tq = (float(t) for t in timer([fp32, int8], [feed, feed]))
+        speed = tf / tq if tq > 0 else float("inf")
+        verdict = "keeps int8" if speed >= float(opts["min_speedup"]) else \
+            "kept fp32: nothing worth quantizing, the result is the optimized fp32 model"
+        ctx.note(f"guard: dynamic int8 {tq:.3f} ms vs fp32 {tf:.3f} ms = {speed:.2f}x on generated inputs "
+                 f"(min {float(opts['min_speedup']):g}x, {opts['threads']} thread(s)): {verdict}")
+        return speed >= float(opts["min_speedup"])

@@ -82,12 +82,6 @@ def session(model_or_path, threads):
     return verify.session(model_or_path, optimization="all", threads=threads)
 
 
-def size_of(model_or_path):
-    if isinstance(model_or_path, onnx.ModelProto):
-        return ir.model_size(model_or_path)
-    return ir.file_size(model_or_path)
-
-
 class Reader:
     def __init__(self, feeds):
         self.feeds = feeds
@@ -202,7 +196,7 @@ def bench_model(path, args, digits):
             except Exception as e:  # noqa: BLE001
                 errors[k] = f"run: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
                 continue
-            row = {"size": size_of(models[k])}
+            row = {"size": ir.model_size(models[k])}
             if ref is not None:
                 a = np.concatenate([np.asarray(r, np.float64).ravel() for r in ref])
                 b = np.concatenate([np.asarray(o, np.float64).ravel() for o in outs])

@@ -40,12 +40,6 @@ def session(model_or_path, threads):
     return verify.session(model_or_path, optimization="all", threads=threads)
 
 
-def size_of(model_or_path):
-    if isinstance(model_or_path, onnx.ModelProto):
-        return ir.model_size(model_or_path)
-    return ir.file_size(model_or_path)
-
-
 def random_feed(specs, rng, batch=1):
     feed = {}
     for name, dtype, shape in specs:
@@ -103,7 +97,7 @@ def bench_latency(path, args):
     for k, s in sessions.items():
         outs = [s.run(None, f)[0] for f in evals]
         b = np.concatenate([np.asarray(o, np.float64).ravel() for o in outs])
-        rows[k] = {"size": size_of(models[k]),
+        rows[k] = {"size": ir.model_size(models[k]),
                    "cos": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)),
                    "top1": float(np.mean([np.mean(r.argmax(-1) == o.argmax(-1)) for r, o in zip(ref, outs)]))}
     lat = {k: [] for k in sessions}
@@ -128,12 +122,12 @@ def bench_accuracy(path, digits, args):
             out = session(m, args.threads).run(None, {name: x})[0]
             cos = float((base.ravel() @ out.ravel()) / (np.linalg.norm(base) * np.linalg.norm(out) + 1e-30))
             rows.append((f"ratio {ratio:.1f}", str(multiple_of), float(np.mean(out.argmax(-1) == y)),
-                         size_of(m) / size_of(path), cos, " ".join(kept_summary(report))))
+                         ir.model_size(m) / ir.model_size(path), cos, " ".join(kept_summary(report))))
     for label, options in (("mag 50%", {"sparsity": 0.5}), ("mag 2:4", {"pattern": "2:4"})):
         m = onnxopt.optimize(src, [onnxopt.get_pass("prune_magnitude", **options)])
         out = session(m, args.threads).run(None, {name: x})[0]
         cos = float((base.ravel() @ out.ravel()) / (np.linalg.norm(base) * np.linalg.norm(out) + 1e-30))
-        rows.append((label, "-", float(np.mean(out.argmax(-1) == y)), size_of(m) / size_of(path), cos,
+        rows.append((label, "-", float(np.mean(out.argmax(-1) == y)), ir.model_size(m) / ir.model_size(path), cos,
                      f"zlib size {compressed(m) / compressed(src):.3f} of the original's"))
     return rows
 

@@ -484,8 +484,11 @@ def nbytes(t: gs.Constant) -> int:
 
 # ------------------------------------------------------------------------------------------- save
 
-def model_size(proto: onnx.ModelProto) -> int:
-    """Bytes of the model including external data it references."""
+def model_size(proto: Union[onnx.ModelProto, str, os.PathLike]) -> int:
+    """Bytes of the model including external data it references (a path: the file plus its
+    `<path>.data`)."""
+    if not isinstance(proto, onnx.ModelProto):
+        return file_size(proto)
     total = 0
     seen = set()
     for t in _all_tensors(proto.graph):

@@ -293,3 +293,80 @@ def test_cost_guard_times_dynamic_quantization_without_calibration(speed, expect
     assert (quantized_nodes(q) != []) == expect_int8
     note = [t for name, t in report.messages if "dynamic int8" in t]
     assert note and (("kept fp32" in note[0]) != expect_int8)
+
+
+# ------------------------------------------------------------------------------------------ blocks
+
+def residual_mlp(seed=0, k=K, classes=CLASSES):
+    """x -> [A: a1 -> relu -> a2 -> relu, + x] -> [B: b1 -> relu -> b2 -> relu, + s1] -> head: two residual blocks and a
+    classifier. Block A has outlier_mlp's construction (channel 0 of a1's output ~1000x the others, a2
+    reads it with a tiny weight): a2 is the one sensitive node, a1 quantizes well."""
+    rng = np.random.default_rng(seed)
+    w = {n: (rng.standard_normal((k, k)) / np.sqrt(k)).astype(F32) for n in ("Wa1", "Wa2", "Wb1", "Wb2")}
+    w["Wa1"][:, 0] *= 1000.0
+    w["Wa2"][0, :] *= 1e-3
+    w["Wa2"] *= 3.0  # the residual branch outweighs the skip
+    nodes = [helper.make_node("MatMul", ["x", "Wa1"], ["ha"], name="a1"),
+             helper.make_node("Relu", ["ha"], ["ra"], name="relu_a"),
+             helper.make_node("MatMul", ["ra", "Wa2"], ["ga"], name="a2"),
+             helper.make_node("Relu", ["ga"], ["ya"], name="relu_a2"),  # keeps the Add out of a Gemm
+             helper.make_node("Add", ["x", "ya"], ["s1"], name="add_a"),
+             helper.make_node("MatMul", ["s1", "Wb1"], ["hb"], name="b1"),
+             helper.make_node("Relu", ["hb"], ["rb"], name="relu_b"),
+             helper.make_node("MatMul", ["rb", "Wb2"], ["gb"], name="b2"),
+             helper.make_node("Relu", ["gb"], ["yb"], name="relu_b2"),
+             helper.make_node("Add", ["s1", "yb"], ["s2"], name="add_b")]
+    inits = [init(n, v) for n, v in w.items()]
+    feat = make_model(nodes, [vi("x", ["n", k])], [vi("s2", ["n", k])], inits)
+    labels = rng.integers(0, classes, 2000)
+    f = verify.run(feat, {"x": (TEMPLATES[labels] + rng.standard_normal((2000, k))).astype(F32)})[0]
+    wh = np.linalg.solve(f.T @ f + np.eye(k), f.T @ np.eye(classes, dtype=F32)[labels]).astype(F32)
+    nodes.append(helper.make_node("MatMul", ["s2", "Wh"], ["y"], name="head"))
+    return make_model(nodes, [vi("x", ["n", k])], [vi("y", ["n", classes])], inits + [init("Wh", wh)])
+
+
+def test_guard_returns_the_sensitive_block_then_readmits_its_insensitive_node(monkeypatch):
+    model = residual_mlp()
+    q, _ = run_auto(model, feeds(1), autotune=False, tolerance=None)
+    x = feeds(2, n=1, batch=256)[0]  # fresh data, never seen by the guard
+    assert cosine(onnxopt.InferenceSession(q).run(None, x)[0], verify.run(model, x)[0]) < 0.995
+
+    trials = []  # the fp32 set of every distinct end-to-end evaluation of a model with > 1 site quantized
+    evaluate = guard.Guard.evaluate
+
+    def spy(self, names):
+        key = frozenset(names)
+        if len(key) > 1 and key not in self._fid_cache:
+            trials.append(frozenset(self.sites) - key)
+        return evaluate(self, names)
+
+    monkeypatch.setattr(guard.Guard, "evaluate", spy)
+    q, report = run_auto(model, feeds(1), autotune=False)
+    r = rows(report)
+    assert set(r) == {"a1", "a2", "b1", "b2", "head"}
+    assert r["a1"]["block"] == r["a2"]["block"] == "a1, a2" and r["b1"]["block"] == r["b2"]["block"] == "b1, b2"
+    assert "block" not in r["head"]
+    assert r["a2"]["sqnr_db"] < min(r[n]["sqnr_db"] for n in ("a1", "b1", "b2", "head"))
+    # the whole block went back first, then a1 came back: only the sensitive node stays fp32
+    assert trials[0] == frozenset() and frozenset({"a1", "a2"}) in trials and frozenset({"a2"}) in trials
+    assert trials.index(frozenset({"a1", "a2"})) < trials.index(frozenset({"a2"}))
+    assert len(trials) <= 1 + 2 * 3 + 2  # all quantized, the block search, one try per node of the block
+    assert not r["a2"]["quantized"] and r["a2"]["reason"].startswith("accuracy (block a1, a2")
+    assert r["a1"]["quantized"] and r["a1"]["reason"].startswith("int8, within tolerance")
+    assert "accuracy (block a1, a2): re-admitted" in r["a1"]["reason"]
+    assert all(r[n]["quantized"] and "block" not in r[n]["reason"] for n in ("b1", "b2", "head"))
+    assert quantized_nodes(q) == ["a1", "b1", "b2", "head"]
+    got = onnxopt.InferenceSession(q).run(None, x)[0]
+    assert cosine(got, verify.run(model, x)[0]) >= 0.995
+    text = str(report)
+    assert "accuracy by block: returned 1 block(s) to fp32 worst first (a1, a2)" in text
+    assert "re-admitted to int8: a1" in text and "kept 1 node(s) in fp32: a2" in text
+    q2, report2 = run_auto(model, feeds(1), autotune=False)
+    assert q2.SerializeToString() == q.SerializeToString() and report2.quantization == report.quantization
+
+
+def test_a_plain_chain_has_no_blocks():
+    """outlier_mlp has no residual join: every site is its own block and no block decision is reported."""
+    _, report = run_auto(outlier_mlp(), feeds(1), autotune=False)
+    assert not any("block" in r for r in report.quantization)
+    assert "by block" not in str(report)

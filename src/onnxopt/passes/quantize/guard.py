@@ -13,8 +13,11 @@ after `min_macs`):
    misses the tolerance, sites are ranked by their effect: SQNR of each site's own output when only it
    is quantized (one run of a "shadow" model holding a quantized copy of every site next to the float
    one), then, for the worst `probe` of them and the first and last site, the end-to-end cosine with
-   that site alone quantized. The shortest worst-first prefix whose return to fp32 meets the tolerance
-   is found by doubling then bisection.
+   that site alone quantized. Sites are grouped in blocks (`blocks`: the residual units between
+   junction tensors); when some block holds several sites, whole blocks go back to fp32 first (ranked
+   by their worst site; the shortest worst-first prefix that meets the tolerance, by doubling then
+   bisection), then the sites of the returned blocks are re-admitted one at a time, least sensitive
+   first, while the tolerance holds. Without such blocks the same search runs over single sites.
 3. cost again, whole model: int8 against the float model on a held-out feed; when it is not
    `min_speedup` times faster the sites that saved least go back to float (half at a time), and with
    none left the optimized fp32 model is what comes out.
@@ -370,6 +373,58 @@ class Guard:
                 self.fall_back(n, f"cost: int8 {speed:.2f}x of fp32 alone (< {margin:g}x)")
         return kept
 
+    def blocks(self, kept: List[str]) -> List[List[str]]:
+        """`kept` grouped by the block each site sits in, in graph order.
+
+        The main graph is cut at its junction tensors: graph inputs, tensors read by more than one node
+        (fan-outs) and outputs of Add/Sum/Concat joining two or more non-constant inputs (residual adds,
+        branch concats). Nodes linked by any other tensor share a block, so a ResNet bottleneck (with its
+        downsample conv) or a transformer attention sub-layer is one block. A block holding more than
+        half of the sites (a plain chain without residual joins) is no block: its sites stand alone, as
+        does every site that shares its block with no other."""
+        parent: Dict[int, int] = {}
+
+        def find(i: int) -> int:
+            while parent.setdefault(i, i) != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        joins = {id(n) for n in self.graph.nodes if n.op in ("Add", "Sum", "Concat")
+                 and sum(not isinstance(t, gs.Constant) for t in n.inputs) >= 2}
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Constant) or not t.inputs or len(t.outputs) != 1 or id(t.inputs[0]) in joins:
+                continue  # a junction (or a dangling tensor): no link
+            parent[find(id(t.inputs[0]))] = find(id(t.outputs[0]))
+        groups: Dict[int, List[str]] = {}
+        for n in kept:
+            groups.setdefault(find(id(self.sites[n].node)), []).append(n)
+        out = []
+        for g in groups.values():
+            if len(g) > 1 and 2 * len(g) <= len(kept):
+                out.append(g)
+            else:
+                out.extend([n] for n in g)
+        return out
+
+    def shortest_prefix(self, kept: List[str], groups: List[List[str]]) -> int:
+        """The fewest leading `groups` whose return to fp32 meets the tolerance (doubling, bisection)."""
+        def ok(k):
+            back = {n for g in groups[:k] for n in g}
+            return k >= len(groups) or self.meets(self.evaluate([n for n in kept if n not in back]))
+        hi = 1
+        while not ok(hi):
+            hi *= 2
+        hi = min(hi, len(groups))
+        lo = hi // 2  # ok(lo) is False (or lo == 0, which failed before)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
     def accuracy_guard(self, kept: List[str]) -> List[str]:
         if not kept:
             return kept
@@ -382,28 +437,43 @@ class Guard:
             self.rows[n]["alone_cosine"] = round(self.evaluate([n]).cosine, 6)
         probed = sorted(probe, key=lambda n: self.rows[n]["alone_cosine"])
         ranked = probed + [n for n in order if n not in probe]
-        ok = lambda k: k >= len(ranked) or self.meets(self.evaluate([n for n in kept if n not in ranked[:k]]))  # noqa: E731
-        hi = 1
-        while not ok(hi):
-            hi *= 2
-        hi = min(hi, len(ranked))
-        lo = hi // 2  # ok(lo) is False (or lo == 0, which failed above)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if ok(mid):
-                hi = mid
-            else:
-                lo = mid
-        back = ranked[:hi]
+        rank = {n: i for i, n in enumerate(ranked)}
+        blocks = self.blocks(kept)
+        label: Dict[str, str] = {}
+        if any(len(b) > 1 for b in blocks):
+            # whole blocks first, worst (by their worst site) first; then their sites back one by one
+            for b in blocks:
+                if len(b) > 1:
+                    for n in b:
+                        label[n] = f"{b[0]}..{b[-1]}" if len(b) > 2 else f"{b[0]}, {b[1]}"
+                        self.rows[n]["block"] = label[n]
+            blocks.sort(key=lambda b: min(rank[n] for n in b))
+            k = self.shortest_prefix(kept, blocks)
+            back = sorted((n for b in blocks[:k] for n in b), key=rank.get)
+            returned = [label.get(b[0], b[0]) for b in blocks[:k]]
+            limit = max(2 * int(self.o["probe"]), max(len(b) for b in blocks[:k]))
+        else:
+            back = ranked[:self.shortest_prefix(kept, [[n] for n in ranked])]
+            limit = 2 * int(self.o["probe"])
         # the ranking is a guess: try the least sensitive of the returned nodes again, one at a time
-        for n in list(reversed(back))[:2 * int(self.o["probe"])]:
+        readmitted = []
+        for n in list(reversed(back))[:limit]:
             trial = [m for m in kept if m not in back or m == n]
             if len(back) > 1 and self.meets(self.evaluate(trial)):
                 back.remove(n)
+                readmitted.append(n)
         for n in back:
             r = self.rows[n]
             alone = f", alone cosine {r['alone_cosine']:.5f}" if "alone_cosine" in r else ""
-            self.fall_back(n, f"accuracy: SQNR {r['sqnr_db']:.1f} dB{alone}")
+            how = f" (block {label[n]} returned whole, kept after its other nodes were tried back)" if n in label else ""
+            self.fall_back(n, f"accuracy{how}: SQNR {r['sqnr_db']:.1f} dB{alone}")
+        for n in readmitted:
+            if n in label:
+                self.rows[n]["readmitted"] = True
+        if label:
+            again = f"; {len(readmitted)} node(s) re-admitted to int8: {', '.join(readmitted)}" if readmitted else ""
+            self.ctx.note(f"guard: accuracy by block: returned {len(returned)} block(s) to fp32 worst first "
+                          f"({'; '.join(returned)}){again}")
         return [n for n in kept if n not in back]
 
     def tune_model(self, kept: List[str]):
@@ -436,6 +506,8 @@ class Guard:
                 r["reason"] = "int8 pays" if self.o["autotune"] else "int8"
                 if self.accuracy:
                     r["reason"] += ", within tolerance"
+                if r.get("readmitted"):
+                    r["reason"] += f" (accuracy (block {r['block']}): re-admitted after its block went to fp32)"
         ctx.report.quantization = list(self.rows.values())
         falls = [r["node"] for r in self.rows.values() if r["reason"].startswith(("accuracy", "cost"))]
         if falls:

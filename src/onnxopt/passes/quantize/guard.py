@@ -456,8 +456,9 @@ class Guard:
             back = ranked[:self.shortest_prefix(kept, [[n] for n in ranked])]
             limit = 2 * int(self.o["probe"])
         # the ranking is a guess: try the least sensitive of the returned nodes again, one at a time
-        readmitted = []
+        readmitted, tried = [], set()
         for n in list(reversed(back))[:limit]:
+            tried.add(n)
             trial = [m for m in kept if m not in back or m == n]
             if len(back) > 1 and self.meets(self.evaluate(trial)):
                 back.remove(n)
@@ -465,7 +466,10 @@ class Guard:
         for n in back:
             r = self.rows[n]
             alone = f", alone cosine {r['alone_cosine']:.5f}" if "alone_cosine" in r else ""
-            how = f" (block {label[n]} returned whole, kept after its other nodes were tried back)" if n in label else ""
+            how = ""
+            if n in label:
+                how = (f" (block {label[n]} returned whole; "
+                       f"{'missed the tolerance when tried back' if n in tried else 'not tried back'})")
             self.fall_back(n, f"accuracy{how}: SQNR {r['sqnr_db']:.1f} dB{alone}")
         for n in readmitted:
             if n in label:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import onnxopt  # noqa: E402
 from onnxopt import ir, runtime, verify  # noqa: E402
+from onnxopt.bench import time_sessions  # noqa: E402
 
 SEQ = 128
 VARIANTS = ["fp32", "oo-int8", "oo-int8-ort", "oo-static", "oo-static-ort", "oo-dynamic", "ort-dynamic", "ort-static"]
@@ -152,18 +152,6 @@ def _ort_static(path, tmp, calib):
     return dst
 
 
-def timed(sess, feed, seconds=0.2):
-    sess.run(None, feed)
-    t0 = time.perf_counter()
-    n = 0
-    while True:
-        sess.run(None, feed)
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return dt / n
-
-
 def bench_model(path, args, digits):
     rng = np.random.default_rng(0)
     proto = onnx.load(path, load_external_data=False)
@@ -208,12 +196,10 @@ def bench_model(path, args, digits):
                 row["acc"] = float(np.mean(outs[0].argmax(-1) == digits["yte"]))
             rows[k] = row
         sessions = {k: s for k, s in sessions.items() if k in rows}
-        lat = {k: [] for k in sessions}
-        for _ in range(args.rounds):
-            for k, s in sessions.items():
-                lat[k].append(timed(s, lat_feed))
-        for k in sessions:
-            rows[k]["ms"] = statistics.median(lat[k]) * 1e3
+        # interleaved rounds of ~0.2 s timed batches, medians (onnxopt.bench.time_sessions)
+        ms = time_sessions(list(sessions.values()), lat_feed, rounds=args.rounds, min_time=0.2)
+        for k, m in zip(sessions, ms):
+            rows[k]["ms"] = m
             rows[k]["opt_s"] = t_opt.get(k)
     return rows, errors, reports
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import zlib
-import statistics
 import sys
 import time
 
@@ -34,6 +33,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import onnxopt  # noqa: E402
 from onnxopt import ir, runtime, verify  # noqa: E402
+from onnxopt.bench import time_sessions  # noqa: E402
 
 
 def session(model_or_path, threads):
@@ -46,17 +46,6 @@ def random_feed(specs, rng, batch=1):
         dims = [d if isinstance(d, int) and d > 0 else batch for d in (shape or [])]
         feed[name] = rng.standard_normal(dims).astype(dtype)
     return feed
-
-
-def timed(sess, feed, seconds=0.2):
-    sess.run(None, feed)
-    t0, n = time.perf_counter(), 0
-    while True:
-        sess.run(None, feed)
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return dt / n
 
 
 def prune_pass(ratio, multiple_of):
@@ -100,12 +89,10 @@ def bench_latency(path, args):
         rows[k] = {"size": ir.model_size(models[k]),
                    "cos": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)),
                    "top1": float(np.mean([np.mean(r.argmax(-1) == o.argmax(-1)) for r, o in zip(ref, outs)]))}
-    lat = {k: [] for k in sessions}
-    for _ in range(args.rounds):
-        for k, s in sessions.items():
-            lat[k].append(timed(s, evals[0]))
-    for k in sessions:
-        rows[k]["ms"] = statistics.median(lat[k]) * 1e3
+    # interleaved rounds of ~0.2 s timed batches, medians (onnxopt.bench.time_sessions)
+    ms = time_sessions(list(sessions.values()), evals[0], rounds=args.rounds, min_time=0.2)
+    for k, m in zip(sessions, ms):
+        rows[k]["ms"] = m
     return rows, notes
 
 

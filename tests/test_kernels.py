@@ -313,6 +313,10 @@ CONV_CASES = [
     dict(C=5, M=5, group=5, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=13, W=45),
     dict(C=3, M=3, group=3, k=(4, 4), strides=(1, 1), pads=(2, 1, 1, 2), dil=(1, 1), H=9, W=20),
     dict(C=4, M=4, group=4, k=(3, 3), strides=(1, 1), pads=(2, 2, 2, 2), dil=(2, 1), H=8, W=21),
+    # 1x1 strided convs on the direct path over the subsampled image: >64 channels, uneven strides,
+    # grouped
+    dict(C=70, M=40, group=1, k=(1, 1), strides=(2, 3), pads=(0, 0, 0, 0), dil=(1, 1), H=13, W=17),
+    dict(C=12, M=8, group=2, k=(1, 1), strides=(2, 2), pads=(0, 0, 0, 0), dil=(1, 1), H=9, W=9),
 ]
 
 
@@ -337,6 +341,62 @@ def test_qconv2d_bit_exact(isa, ci):
         got = K.qconv2d(x, pc, wsc, b, act, clip, x_scale=xs, x_zp=None if xs is None else 120, backend="native")
         ref = ref_qconv(x, w, wsc, b, cs["group"], cs["strides"], cs["pads"], cs["dil"], act, clip, xs, 120)
         assert_bits(got, ref)
+
+
+def ref_residual(y, r, act, clip):
+    v = (y + r).astype(F32)
+    if act == "relu":
+        return np.where(v > 0, v, F32(0))
+    if act == "clip":
+        v = np.where(v > F32(clip[0]), v, F32(clip[0]))
+        return np.where(v < F32(clip[1]), v, F32(clip[1]))
+    return v
+
+
+def make_residual(rng, shape):
+    r = (rng.standard_normal(shape) * 3).astype(F32)
+    flat = r.reshape(-1)
+    flat[::7] = 0.0
+    flat[1::11] = -0.0
+    flat[2::13] = 1e30
+    flat[3::17] = -np.inf
+    return r
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("ci", range(len(CONV_CASES)))
+def test_qconv2d_residual_bit_exact(isa, ci):
+    """The fused residual: act(conv + bias + residual) on every path (direct, depthwise, im2col, 1x1)."""
+    cs = CONV_CASES[ci]
+    rng = np.random.default_rng(300 + ci)
+    x, w, ws, bias = make_conv_case(rng, cs)
+    pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"], isa=isa)
+    for act, clip, b, xs in (("relu", None, bias, None), ("clip", (-0.5, 0.8), None, 0.04), ("none", None, bias, 0.1)):
+        pre = ref_qconv(x, w, ws, b, cs["group"], cs["strides"], cs["pads"], cs["dil"], "none", None, xs, 120)
+        r = make_residual(rng, pre.shape)
+        r.reshape(-1)[4::19] = -pre.reshape(-1)[4::19]  # exact cancellation: +0 / -0 through the activation
+        got = K.qconv2d(x, pc, ws, b, act, clip, x_scale=xs, x_zp=None if xs is None else 120, backend="native",
+                        residual=r)
+        assert_bits(got, ref_residual(pre, r, act, clip))
+        assert_bits(K.qconv2d(x, pc, ws, b, act, clip, x_scale=xs, x_zp=None if xs is None else 120,
+                              backend="numba", residual=r), got)
+
+
+def test_qconv2d_residual_threads_and_shape_check():
+    rng = np.random.default_rng(12)
+    # a direct-path conv big enough to be split into pixel x channel tasks, and a strided (im2col) one
+    for cs in (dict(C=64, M=96, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=30, W=30),
+               dict(C=32, M=64, group=1, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=40, W=40)):
+        x, w, ws, bias = make_conv_case(rng, cs, N=1)
+        pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"])
+        pre = K.qconv2d(x, pc, ws, bias)
+        r = make_residual(rng, pre.shape)
+        one = K.qconv2d(x, pc, ws, bias, "relu", residual=r, threads=1)
+        assert_bits(one, ref_residual(pre, r, "relu", None))
+        if NATIVE:
+            assert_bits(K.qconv2d(x, pc, ws, bias, "relu", residual=r, threads=2), one)
+        with pytest.raises(ValueError, match="residual"):
+            K.qconv2d(x, pc, ws, bias, "relu", residual=r[:, :-1])
 
 
 def test_threads_do_not_change_results():

@@ -72,6 +72,22 @@ static inline void transposed_store(const float* ybuf, const Tile& t, const Epil
   }
 }
 
+static inline __m512 direct_act(const DirectConv& d, __m512 y) {
+  if (d.act == Activation::Relu) {
+    y = _mm512_max_ps(y, _mm512_setzero_ps());
+  } else if (d.act == Activation::Clip) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(d.lo));
+    y = _mm512_min_ps(y, _mm512_set1_ps(d.hi));
+  }
+  return y;
+}
+
+// Residual (added to the `mask` lanes read from the same place the result goes), activation, store.
+static inline void direct_store(const DirectConv& d, std::ptrdiff_t off, __m512 y, __mmask16 mask) {
+  if (d.R) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, d.R + off));
+  _mm512_mask_storeu_ps(d.Y + off, mask, direct_act(d, y));
+}
+
 // Output stage of the direct conv (DirectConv in internal.h) on 16 pixels q..q+15 of output
 // channel oc < d.Mg, stored straight into the NCHW plane. Pixels past the last output row or in
 // the padded columns (ow >= OW) are dropped. Same arithmetic as zp_correct + the output stage.
@@ -83,15 +99,9 @@ static inline void direct_finish16(const DirectConv& d, int oc, int q, __m512i a
   const float s = d.a_scale * d.wscale[oc];
   __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(s));
   if (d.bias) y = _mm512_add_ps(y, _mm512_set1_ps(d.bias[oc]));
-  if (d.act == Activation::Relu) {
-    y = _mm512_max_ps(y, _mm512_setzero_ps());
-  } else if (d.act == Activation::Clip) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(d.lo));
-    y = _mm512_min_ps(y, _mm512_set1_ps(d.hi));
-  }
-  float* base = d.Y + static_cast<std::ptrdiff_t>(oc) * d.oplane;
+  const std::ptrdiff_t base = static_cast<std::ptrdiff_t>(oc) * d.oplane;
   if (d.Wp == d.OW) {
-    _mm512_mask_storeu_ps(base + q, col_mask(nq - q), y);
+    direct_store(d, base + q, y, col_mask(nq - q));
     return;
   }
   int oh = q / d.Wp, ow = q - oh * d.Wp, i = 0;
@@ -100,7 +110,7 @@ static inline void direct_finish16(const DirectConv& d, int oc, int q, __m512i a
     if (ow < d.OW) {
       const int valid = d.OW - ow < 16 - i ? d.OW - ow : 16 - i;
       const __m512 yi = i ? _mm512_permutexvar_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(i)), y) : y;
-      _mm512_mask_storeu_ps(base + static_cast<std::ptrdiff_t>(oh) * d.OW + ow, col_mask(valid), yi);
+      direct_store(d, base + static_cast<std::ptrdiff_t>(oh) * d.OW + ow, yi, col_mask(valid));
     }
     i += d.Wp - ow;
     ++oh;

@@ -69,6 +69,7 @@ struct DirectConv {
   Activation act;
   float lo, hi;
   float* Y;             // [Mg][OH * OW]
+  const float* R;       // residual laid out like Y (added before the activation) or null
   std::ptrdiff_t oplane;
 };
 

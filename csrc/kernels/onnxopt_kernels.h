@@ -8,6 +8,8 @@
 //   * Float output: y = float(acc) * (a_scale[m] * w_scale[n]); y = y + bias[n]; then activation
 //     (relu: max(y, 0); clip: min(max(y, lo), hi)). The product a_scale*w_scale is computed in float
 //     first. No FMA contraction anywhere in the output stage (-ffp-contract=off).
+//   * Convolution with a residual R: y = float(acc) * (a_scale * w_scale); y = y + bias; y = y + R;
+//     then the activation (each step a separately rounded float operation, in this order).
 //   * Requantized u8 output: q = clamp(nearbyint(y / out_scale) + out_zp, 0, 255) with
 //     round-half-to-even (default rounding mode), y being the float output after activation.
 //   * Dynamic activation quantization, per row m: lo = min(0, min_k x), hi = max(0, max_k x);
@@ -55,6 +57,10 @@ struct OutputStage {
   bool requant = false;
   float out_scale = 1.f;
   std::uint8_t out_zp = 0;
+  // Convolution only: a float tensor laid out like the output ([N, M, OH, OW]) added after the
+  // bias and before the activation (a residual connection fused into the conv):
+  // y = act(float(acc) * (a_scale * w_scale) + bias + residual). Float output only.
+  const float* residual = nullptr;
 };
 
 // Weights B [K, N] (row-major, s8) packed once for `isa`, with column sums and the weight zero

@@ -11,6 +11,8 @@
 //  * stride 1 on ISAs with a direct conv kernel (AVX512-VNNI, AMX): implicit GEMM with output
 //    channels as rows and pixels as columns (see DirectConv in internal.h), no im2col, the
 //    output stored straight into NCHW.
+//  * 1x1 unpadded convs with a stride on those ISAs: the same direct kernel on the subsampled
+//    image (only the pixels the conv reads are quantized and packed, the image is OH x OW).
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -46,7 +48,35 @@ struct ConvCtx {
   int g;  // current group
   Epilogue ep;
   float* Y;  // this image
+  const float* R;  // residual of this image (laid out like Y) or null; then ep.act is None and
+  Activation act;  // act/lo/hi are applied after adding R
+  float lo, hi;
 };
+
+// y = act(y + r) over one channel plane: the residual and activation of the output stage for the
+// paths whose inner kernels apply only scale and bias (same float operations, same order).
+void residual_act(float* __restrict y, const float* __restrict r, std::size_t n, Activation act, float lo, float hi) {
+  if (act == Activation::Relu) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const float v = y[i] + r[i];
+      y[i] = v > 0.f ? v : 0.f;
+    }
+  } else if (act == Activation::Clip) {
+    for (std::size_t i = 0; i < n; ++i) {
+      float v = y[i] + r[i];
+      v = v > lo ? v : lo;
+      y[i] = v < hi ? v : hi;
+    }
+  } else {
+    for (std::size_t i = 0; i < n; ++i) y[i] = y[i] + r[i];
+  }
+}
+
+void residual_task(void* data, std::size_t i) {
+  const ConvCtx& c = *static_cast<const ConvCtx*>(data);
+  const std::size_t plane = static_cast<std::size_t>(c.OH) * c.OW;
+  residual_act(c.Y + i * plane, c.R + i * plane, plane, c.act, c.lo, c.hi);
+}
 
 void fill_1x1(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale) {
   const ConvCtx& c = *static_cast<const ConvCtx*>(vctx);
@@ -155,6 +185,7 @@ void depthwise_task(void* data, std::size_t i) {
     c.w->ops->depthwise(xp, c.Wp, c.w->dw_w.data() + static_cast<std::size_t>(oc) * p.kH * p.kW, p.kH, p.kW,
                         p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW, c.w->dw_sum[oc],
                         static_cast<std::int32_t>(c.zpf), c.scale, oc, c.ep, c.Y + oc * oplane, scratch.data());
+    if (c.R) residual_act(c.Y + oc * oplane, c.R + oc * oplane, oplane, c.act, c.lo, c.hi);
   }
 }
 
@@ -197,6 +228,43 @@ void direct_pack_task(void* data, std::size_t i) {
     }
   }
   const std::size_t used = static_cast<std::size_t>(p.pad_top + c.H) * c.Wp * 4;
+  std::memset(dst + used, z, static_cast<std::size_t>(k.L) * 4 - used);
+}
+
+// 1x1 strided direct path: the subsampled image (OH x OW pixels, no padding) is packed like a
+// stride-1 image, reading every stride-th float of every stride-th row.
+void direct_pack_strided_task(void* data, std::size_t i) {
+  const PackCtx& k = *static_cast<const PackCtx*>(data);
+  const ConvCtx& c = *k.c;
+  const PackedConvImpl& w = *c.w;
+  const ConvParams& p = w.p;
+  const int Cg = p.C / p.group;
+  i = static_cast<std::size_t>(p.group) * w.CGp - 1 - i;
+  const int g = static_cast<int>(i) / w.CGp, cg = static_cast<int>(i) % w.CGp;
+  std::uint8_t* dst = k.Xq + static_cast<std::ptrdiff_t>(i) * k.L * 4;
+  const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
+  const std::size_t used = static_cast<std::size_t>(c.OH) * c.OW * 4;
+  if (cg * 4 >= Cg) {
+    std::memset(dst, z, static_cast<std::size_t>(k.L) * 4);
+    return;
+  }
+  const std::size_t plane = static_cast<std::size_t>(c.H) * c.W;
+  std::vector<float> rows(static_cast<std::size_t>(4) * c.OW);
+  for (int oh = 0; oh < c.OH; ++oh) {
+    const float* xr[4];
+    for (int j = 0; j < 4; ++j) {
+      if (cg * 4 + j >= Cg) {
+        xr[j] = nullptr;
+        continue;
+      }
+      const float* src = c.X + static_cast<std::size_t>(g * Cg + cg * 4 + j) * plane +
+                         static_cast<std::size_t>(oh) * p.stride_h * c.W;
+      float* r = rows.data() + static_cast<std::size_t>(j) * c.OW;
+      for (int ow = 0; ow < c.OW; ++ow) r[ow] = src[static_cast<std::size_t>(ow) * p.stride_w];
+      xr[j] = r;
+    }
+    w.ops->quant_pack4(xr, c.OW, c.scale, c.zpf, dst + static_cast<std::size_t>(oh) * c.OW * 4);
+  }
   std::memset(dst + used, z, static_cast<std::size_t>(k.L) * 4 - used);
 }
 
@@ -277,7 +345,9 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
     w->dw_sum.assign(p.M, 0);
     for (int oc = 0; oc < p.M; ++oc)
       for (int k = 0; k < Kg; ++k) w->dw_sum[oc] += W[static_cast<std::size_t>(oc) * Kg + k];
-  } else if (w->ops->conv_direct && p.stride_h == 1 && p.stride_w == 1) {
+  } else if (w->ops->conv_direct &&
+             ((p.stride_h == 1 && p.stride_w == 1) ||
+              (p.kH == 1 && p.kW == 1 && p.pad_top == 0 && p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0))) {
     const IsaOps& o = *w->ops;
     const int taps = p.kH * p.kW;
     w->direct = true;
@@ -319,6 +389,8 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
   const auto* w = dynamic_cast<const PackedConvImpl*>(&pw);
   if (!w) throw std::invalid_argument("onnxopt: qconv2d_f32: weights were not packed by pack_conv_weights");
   if (stage.requant) throw std::invalid_argument("onnxopt: qconv2d_f32 produces float output (requant unsupported)");
+  // With a residual the inner kernels of the non-direct paths run without the activation; the
+  // residual and the activation are applied per channel plane right after (residual_act).
   const ConvParams& p = w->p;
   const int OH = conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
   const int OW = conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
@@ -328,7 +400,9 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
   const int Mg = p.M / p.group;
   const bool direct = !w->direct && p.kH == 1 && p.kW == 1 && p.stride_h == 1 && p.stride_w == 1 &&
                       p.pad_top == 0 && p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0 && !w->depthwise;
-  const int Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
+  // 1x1 strided direct path: a stride-1 conv over the OH x OW subsampled image.
+  const bool subsample = w->direct && (p.stride_h != 1 || p.stride_w != 1);
+  const int Hp = subsample ? OH : H + p.pad_top + p.pad_bottom, Wp = subsample ? OW : W + p.pad_left + p.pad_right;
   const std::size_t in_img = static_cast<std::size_t>(p.C) * H * W;
   const std::size_t out_plane = static_cast<std::size_t>(OH) * OW;
   AlignedBuf<std::uint8_t> xp;
@@ -364,12 +438,16 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
     c.Y = Y + n * static_cast<std::size_t>(p.M) * out_plane;
     c.ep.wscale = ws.data();
     c.ep.bias = stage.bias;
-    c.ep.act = stage.act;
+    c.ep.act = stage.residual ? Activation::None : stage.act;
     c.ep.lo = stage.clip_lo;
     c.ep.hi = stage.clip_hi;
+    c.R = stage.residual ? stage.residual + n * static_cast<std::size_t>(p.M) * out_plane : nullptr;
+    c.act = stage.act;
+    c.lo = stage.clip_lo;
+    c.hi = stage.clip_hi;
     if (w->direct) {
       PackCtx pk{&c, xp.get(), L};
-      par(direct_pack_task, static_cast<std::size_t>(p.group) * w->CGp, &pk);
+      par(subsample ? direct_pack_strided_task : direct_pack_task, static_cast<std::size_t>(p.group) * w->CGp, &pk);
       const IsaOps& o = *w->ops;
       const int degree = (par.run && par.degree > 1) ? par.degree : 1;
       for (int g = 0; g < p.group; ++g) {
@@ -393,6 +471,7 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
         d.lo = stage.clip_lo;
         d.hi = stage.clip_hi;
         d.Y = c.Y + static_cast<std::size_t>(g) * Mg * out_plane;
+        d.R = c.R ? c.R + static_cast<std::size_t>(g) * Mg * out_plane : nullptr;
         d.oplane = static_cast<std::ptrdiff_t>(out_plane);
         j.ops = &o;
         j.nqt = Nqp / o.conv_qt;
@@ -435,6 +514,7 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
       cg.ep.ldn = static_cast<std::ptrdiff_t>(out_plane);
       run_gemm(*w->groups[g], static_cast<int>(out_plane), ASource{direct ? fill_1x1 : fill_im2col, &cg}, cg.ep, par);
     }
+    if (c.R) par(residual_task, static_cast<std::size_t>(p.M), &c);
   }
 }
 

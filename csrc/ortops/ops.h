@@ -40,9 +40,9 @@ class QGemmKernel {
 class QConvKernel {
  public:
   static constexpr const char* kName = "QConv";
-  enum Input : std::size_t { X = 0, W, WScale, Bias, XScale, XZeroPoint };
+  enum Input : std::size_t { X = 0, W, WScale, Bias, XScale, XZeroPoint, Residual };
   static const IoSpec kInputs[];
-  static constexpr std::size_t kNumInputs = 6;
+  static constexpr std::size_t kNumInputs = 7;
   enum class AutoPad { NotSet, SameUpper, SameLower, Valid };
 
   QConvKernel(const OrtKernelInfo* info, int degree);

@@ -12,6 +12,7 @@ const IoSpec QConvKernel::kInputs[] = {
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},   // bias
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},   // x_scale
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true},   // x_zero_point
+    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},   // residual: added before the activation
 };
 
 namespace {
@@ -153,6 +154,13 @@ void QConvKernel::compute(OrtKernelContext* ctx) const {
   StaticQuant q;
   read_static_quant(ctx, XScale, XZeroPoint, where_, &q);
 
+  if (const OrtValue* r = input_or_null(ctx, Residual)) {
+    TensorRef rt = tensor_ref(r);
+    const std::vector<std::int64_t> want{x.shape[0], base_.M, OH, OW};
+    if (rt.shape != want)
+      fail("residual must have the output's shape " + shape_str(want) + ", got " + shape_str(rt.shape));
+    stage.residual = rt.as<float>();
+  }
   float* y = output_f32(ctx, 0, {x.shape[0], base_.M, OH, OW});
   if (N == 0) return;
   std::shared_ptr<const PackedConv> packed = packed_for(pads);

@@ -346,7 +346,8 @@ PackedC pack_conv_weights(const CArr<std::int8_t>& w, int C, int group, std::vec
 
 py::array qconv2d_f32(const CArr<float>& x, const PackedC& pc, const CArr<float>& w_scale,
                       const std::optional<CArr<float>>& bias, const std::string& activation, float clip_lo,
-                      float clip_hi, std::optional<float> x_scale, int x_zp, std::optional<int> threads) {
+                      float clip_hi, std::optional<float> x_scale, int x_zp, std::optional<int> threads,
+                      const std::optional<CArr<float>>& residual) {
   const onnxopt::ConvParams& p = pc.w->params();
   if (x.ndim() != 4 || x.shape(1) != p.C) throw std::invalid_argument("onnxopt: qconv2d expects x[N, C, H, W] with C matching the weights");
   const int N = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(2)), W = static_cast<int>(x.shape(3));
@@ -355,6 +356,18 @@ py::array qconv2d_f32(const CArr<float>& x, const PackedC& pc, const CArr<float>
   if (OH <= 0 || OW <= 0) throw std::invalid_argument("onnxopt: qconv2d: input smaller than the kernel");
   onnxopt::OutputStage st = make_stage(w_scale, bias, p.M, activation, clip_lo, clip_hi);
   if (x_zp < 0 || x_zp > 255) throw std::invalid_argument("onnxopt: x_zp must be in [0, 255]");
+  if (residual) {
+    if (residual->ndim() != 4 || residual->shape(0) != N || residual->shape(1) != p.M || residual->shape(2) != OH ||
+        residual->shape(3) != OW)
+      throw std::invalid_argument("onnxopt: qconv2d: residual must have the output's shape [N, M, OH, OW]");
+    st.residual = residual->data();
+  }
+  if (residual) {
+    if (residual->ndim() != 4 || residual->shape(0) != N || residual->shape(1) != p.M || residual->shape(2) != OH ||
+        residual->shape(3) != OW)
+      throw std::invalid_argument("onnxopt: qconv2d: residual must have the output's shape [N, M, OH, OW]");
+    st.residual = residual->data();
+  }
   const float xs = x_scale.value_or(1.f);
   const std::uint8_t xz = static_cast<std::uint8_t>(x_zp);
   ParallelHolder ph(resolve_threads(threads));
@@ -425,5 +438,6 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("dilations") = std::vector<int>{1, 1}, py::arg("isa") = py::none());
   m.def("qconv2d_f32", &qconv2d_f32, py::arg("x"), py::arg("packed"), py::arg("w_scale"), py::arg("bias") = py::none(),
         py::arg("activation") = "none", py::arg("clip_lo") = 0.f, py::arg("clip_hi") = 0.f,
-        py::arg("x_scale") = py::none(), py::arg("x_zp") = 0, py::arg("threads") = py::none());
+        py::arg("x_scale") = py::none(), py::arg("x_zp") = 0, py::arg("threads") = py::none(),
+        py::arg("residual") = py::none());
 }

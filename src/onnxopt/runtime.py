@@ -43,7 +43,7 @@ _OP_INPUTS = {  # input name -> element type, in the ops' input order
     "QGemm": (("X", np.float32), ("W", np.int8), ("w_scale", np.float32), ("bias", np.float32),
               ("x_scale", np.float32), ("x_zero_point", np.uint8), ("w_zero_point", np.int8)),
     "QConv": (("X", np.float32), ("W", np.int8), ("w_scale", np.float32), ("bias", np.float32),
-              ("x_scale", np.float32), ("x_zero_point", np.uint8)),
+              ("x_scale", np.float32), ("x_zero_point", np.uint8), ("residual", np.float32)),
 }
 
 
@@ -285,7 +285,7 @@ class _Fallback:
                 raise ValueError(
                     f"onnxopt {where}: the weight W (input 1) must be a constant initializer so it can be "
                     "packed once at session creation; it is computed or fed at run time here")
-            if len(names) > 6 and names[6] and names[6] not in constants:
+            if node.op_type == "QGemm" and names[6] and names[6] not in constants:
                 raise ValueError(f"onnxopt {where}: w_zero_point (input 6) must be a constant initializer")
             present = [bool(n) for n in names]
             for i, (iname, dtype) in enumerate(spec_inputs):
@@ -326,8 +326,8 @@ class _Fallback:
     def _qgemm(self, x, w, w_scale, bias, x_scale, x_zp, w_zp, spec):
         return self._guarded(_run_qgemm, spec, x, w, w_scale, bias, x_scale, x_zp, w_zp)
 
-    def _qconv(self, x, w, w_scale, bias, x_scale, x_zp, spec):
-        return self._guarded(_run_qconv, spec, x, w, w_scale, bias, x_scale, x_zp)
+    def _qconv(self, x, w, w_scale, bias, x_scale, x_zp, residual, spec):
+        return self._guarded(_run_qconv, spec, x, w, w_scale, bias, x_scale, x_zp, residual)
 
 
 def _deepcopy(model):
@@ -370,7 +370,7 @@ def _run_qgemm(fb, spec, x, w, w_scale, bias, x_scale, x_zp, w_zp):
     return np.asarray(y, np.float32).reshape(x.shape[:-1] + (N,))
 
 
-def _run_qconv(fb, spec, x, w, w_scale, bias, x_scale, x_zp):
+def _run_qconv(fb, spec, x, w, w_scale, bias, x_scale, x_zp, residual):
     k = fb._kernels
     M, cg, kh, kw = w.shape
     group = int(spec.get("group", 1))
@@ -384,7 +384,8 @@ def _run_qconv(fb, spec, x, w, w_scale, bias, x_scale, x_zp):
         np.ascontiguousarray(w), group=group, strides=strides, pads=pads, dilations=dil))
     y = k.qconv2d(np.ascontiguousarray(x, dtype=np.float32), packed,
                       np.ascontiguousarray(w_scale.reshape(-1), dtype=np.float32), bias=_present(spec, 3, bias),
-                      **_epilogue_args(spec), **_static_args(spec, x_scale, x_zp))
+                      residual=_present(spec, 6, residual), **_epilogue_args(spec),
+                      **_static_args(spec, x_scale, x_zp))
     return np.asarray(y, np.float32)
 
 

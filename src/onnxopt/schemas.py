@@ -17,7 +17,7 @@ VERSION = 1
 
 # Input order (optional inputs are omitted at the end or given the empty name "").
 QGEMM_INPUTS = ("X", "W", "w_scale", "bias", "x_scale", "x_zero_point", "w_zero_point")
-QCONV_INPUTS = ("X", "W", "w_scale", "bias", "x_scale", "x_zero_point")
+QCONV_INPUTS = ("X", "W", "w_scale", "bias", "x_scale", "x_zero_point", "residual")
 ACTIVATIONS = ("none", "relu", "clip")
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
@@ -190,7 +190,12 @@ def _infer_qconv(ctx):
         kh, kw = (kh if _known(kh) else ks[0]), (kw if _known(kw) else ks[1])
     oh = _conv_out(x[2], kh, strides[0], dil[0], pads[0], pads[2], auto_pad)
     ow = _conv_out(x[3], kw, strides[1], dil[1], pads[1], pads[3], auto_pad)
-    _set_output(ctx, [x[0], m, oh, ow])
+    out = [x[0], m, oh, ow]
+    r = _input_dims(ctx, 6) if ctx.get_num_inputs() > 6 else None
+    if r is not None:
+        if len(r) != 4 or any(_known(a) and _known(b) and a != b for a, b in zip(r, out)):
+            raise ShapeError(f"QConv: residual must have the output's shape {out}, got {r}")
+    _set_output(ctx, out)
 
 
 # ---- schemas ----------------------------------------------------------------------------------
@@ -226,7 +231,9 @@ def _qconv_schema():
         "QConv", DOMAIN, VERSION,
         "2-D convolution with int8 weights [M, C/group, kH, kW], NCHW float in and out, int32 "
         "accumulation, fused scale, bias and activation. See onnxopt passes.md, Custom operators.",
-        inputs=_common_inputs("int8 weights [M, C/group, kH, kW], a constant initializer", "M"),
+        inputs=_common_inputs("int8 weights [M, C/group, kH, kW], a constant initializer", "M") + [
+            _param("residual", "T", "optional float tensor shaped like Y, added after the bias and before "
+                   "the activation (a fused residual connection)", optional=True)],
         outputs=[_param("Y", "T", "float output [N, M, OH, OW]")],
         type_constraints=_TYPES,
         attributes=attrs,

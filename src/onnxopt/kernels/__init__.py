@@ -326,12 +326,25 @@ def pack_conv_weights(w, group=1, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(
     return pc
 
 
+def residual_activation(y, residual, activation, lo, hi):
+    """act(y + residual) in place, float32, with the kernels' comparison semantics (NaN -> bound)."""
+    v = y + residual
+    if activation == "relu":
+        v = np.where(v > 0, v, np.float32(0))
+    elif activation == "clip":
+        v = np.where(v > np.float32(lo), v, np.float32(lo))
+        v = np.where(v < np.float32(hi), v, np.float32(hi))
+    y[...] = v
+    return y
+
+
 def qconv2d(x, packed: PackedConv, w_scale, bias=None, activation="none", clip=None,
-            x_scale=None, x_zp=None, backend=None, threads=None):
+            x_scale=None, x_zp=None, backend=None, threads=None, residual=None):
     """int8 conv of float32 x[N, C, H, W] -> float32[N, M, OH, OW].
 
     Activations are quantized per tensor: statically with x_scale/x_zp, else dynamically per image.
     w_scale: scalar or per output channel [M]; bias None or [M]; activation as in qgemm_u8.
+    residual: None or float32[N, M, OH, OW], added after the bias and before the activation.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] != packed.C:
@@ -345,14 +358,24 @@ def qconv2d(x, packed: PackedConv, w_scale, bias=None, activation="none", clip=N
         raise ValueError("bias must have M entries")
     activation, lo, hi = _act(activation, clip)
     zp = 0 if x_zp is None else int(x_zp)
+    if residual is not None:
+        residual = np.ascontiguousarray(residual, dtype=np.float32)
+        if residual.shape != (N, M, OH, OW):
+            raise ValueError(f"residual must have the output's shape {[N, M, OH, OW]}, got {list(residual.shape)}")
     if _check_backend(backend) == "native":
         return _native.qconv2d_f32(x, packed.native(), ws, b, activation, lo, hi,
-                                   None if x_scale is None else float(np.float32(x_scale)), zp, threads)
+                                   None if x_scale is None else float(np.float32(x_scale)), zp, threads,
+                                   residual)
     out = np.empty((N, M, OH, OW), np.float32)
+    final = activation
+    if residual is not None:
+        activation = "none"
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = packed.strides, packed.dilations, packed.pads
     _numba().qconv2d_into(x, packed.w, packed.group, sh, sw, pt, pl, pb, pr, dh, dw,
                           x_scale is not None, np.float32(1.0 if x_scale is None else x_scale), zp,
                           np.broadcast_to(ws, (M,)).astype(np.float32),
                           np.zeros(M, np.float32) if b is None else b, b is not None,
                           _ACTS[activation], np.float32(lo), np.float32(hi), out)
+    if residual is not None:
+        residual_activation(out, residual, final, lo, hi)
     return out

@@ -16,6 +16,7 @@ register_preset("default", DEFAULT)
 # it leaves Q/DQ alone), QAT import when the model carries QDQ, then static quantization when
 # calibration data is given (with the accuracy and cost guards on), dynamic otherwise.
 register_preset("int8", ["default", "import_qdq",
-                         get_pass("quantize_auto", tolerance=dict(guard.DEFAULT_TOLERANCE), autotune=True)])
+                         get_pass("quantize_auto", tolerance=dict(guard.DEFAULT_TOLERANCE), autotune=True),
+                         "fuse_qconv_residual"])
 
 BUILTIN = frozenset(_REGISTRY)  # what onnxopt itself registers, before any user code runs

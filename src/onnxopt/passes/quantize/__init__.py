@@ -5,4 +5,5 @@ Importing the package registers the passes. The lowering targets and numerics ar
 from . import dynamic  # noqa: F401  (registers quantize_dynamic)
 from . import fp16  # noqa: F401  (registers convert_fp16)
 from . import qdq  # noqa: F401  (registers import_qdq)
+from . import residual  # noqa: F401  (registers fuse_qconv_residual)
 from . import static  # noqa: F401  (registers quantize_static, quantize_auto)

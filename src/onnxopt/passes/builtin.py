@@ -14,9 +14,20 @@ DEFAULT.sort(key=lambda name: pass_class(name).kind == "analysis")  # stable: on
 register_preset("default", DEFAULT)
 # int8: the exact pipeline first (Constant/Identity/BatchNorm gone, so real exports quantize fully;
 # it leaves Q/DQ alone), QAT import when the model carries QDQ, then static quantization when
-# calibration data is given (with the accuracy and cost guards on), dynamic otherwise.
+# calibration data is given (with the accuracy and cost guards on), dynamic otherwise, then the
+# embedding tables.
+# quantize_embeddings runs after quantize_auto, not before: the guard takes the graph it is handed as
+# its fp32 reference (it exports the current graph, calibrates on it and judges every int8 candidate
+# against it), so int8 tables placed before it would become part of "fp32": its held-out fidelity
+# and its "nothing worth quantizing: the result is the optimized fp32 model" would then describe a
+# model whose embeddings are already int8. Placed after, the guard's numbers stay about what it
+# decided (the MatMul/Gemm/Conv sites against the real float graph), the tables shrink whether or not
+# int8 GEMMs pay on this machine, and a table tied to a MatMul (an LM head) is free by then when
+# quantize_auto gave that MatMul its own int8 copy. What judges the whole result, embeddings included,
+# is optimize()'s fidelity measurement and verify=True: both run the original model against the
+# final one, whatever the order of the passes.
 register_preset("int8", ["default", "import_qdq",
                          get_pass("quantize_auto", tolerance=dict(guard.DEFAULT_TOLERANCE), autotune=True),
-                         "fuse_qconv_residual"])
+                         "quantize_embeddings", "fuse_qconv_residual"])
 
 BUILTIN = frozenset(_REGISTRY)  # what onnxopt itself registers, before any user code runs

@@ -317,6 +317,13 @@ CONV_CASES = [
     # grouped
     dict(C=70, M=40, group=1, k=(1, 1), strides=(2, 3), pads=(0, 0, 0, 0), dil=(1, 1), H=13, W=17),
     dict(C=12, M=8, group=2, k=(1, 1), strides=(2, 2), pads=(0, 0, 0, 0), dil=(1, 1), H=9, W=9),
+    # stride 2 with few input channels: space-to-depth onto the direct kernel (odd/even sizes,
+    # odd and even kernels, asymmetric pads, the 16-channel limit) and just past it
+    dict(C=3, M=32, group=1, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=17, W=16),
+    dict(C=3, M=20, group=1, k=(7, 7), strides=(2, 2), pads=(3, 3, 3, 3), dil=(1, 1), H=23, W=20),
+    dict(C=5, M=9, group=1, k=(2, 2), strides=(2, 2), pads=(0, 1, 1, 0), dil=(1, 1), H=9, W=12),
+    dict(C=16, M=33, group=1, k=(5, 4), strides=(2, 2), pads=(2, 0, 1, 3), dil=(1, 1), H=13, W=11),
+    dict(C=17, M=8, group=1, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=9, W=9),
 ]
 
 
@@ -380,6 +387,62 @@ def test_qconv2d_residual_bit_exact(isa, ci):
         assert_bits(got, ref_residual(pre, r, act, clip))
         assert_bits(K.qconv2d(x, pc, ws, b, act, clip, x_scale=xs, x_zp=None if xs is None else 120,
                               backend="numba", residual=r), got)
+
+
+def ref_requant(y, s, z):
+    t = np.rint(y / F32(s)) + F32(z)
+    t = np.where(t > 0, t, F32(0))
+    return np.where(t < 255, t, F32(255)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("ci", range(len(CONV_CASES)))
+def test_qconv2d_u8_in_out_bit_exact(isa, ci):
+    """u8 activations in and out: the float path on the dequantized input, then requantized."""
+    cs = CONV_CASES[ci]
+    rng = np.random.default_rng(400 + ci)
+    _, w, ws, bias = make_conv_case(rng, cs)
+    x = rng.integers(0, 256, (2, cs["C"], cs["H"], cs["W"])).astype(np.uint8)
+    x.reshape(-1)[::5] = 0
+    x.reshape(-1)[1::7] = 255
+    pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"], isa=isa)
+    for act, clip, b, xs, xz, yk, yz, res in (("relu", None, bias, 0.05, 128, 240, 0, False),
+                                              ("clip", (-0.5, 0.8), None, 0.02, 3, 30, 120, False),
+                                              ("none", None, bias, 0.1, 250, 120, 128, True)):
+        xf = (x.astype(F32) - F32(xz)) * F32(xs)
+        pre = ref_qconv(xf, w, ws, b, cs["group"], cs["strides"], cs["pads"], cs["dil"], "none" if res else act,
+                        clip, xs, xz)
+        r = make_residual(rng, pre.shape) if res else None
+        if res:
+            r.reshape(-1)[2::13] = 1.0  # no inf here: keep the requantized values informative
+            r.reshape(-1)[3::17] = -2.0
+        yf = ref_residual(pre, r, act, clip) if res else pre
+        ys = F32(max(np.percentile(np.abs(pre), 90), 1e-3) / yk)  # output scale that spans the data
+        ref = ref_requant(yf, ys, yz)
+        assert np.count_nonzero((ref > 0) & (ref < 255)) >= ref.size // 10  # saturation does not hide everything
+        got = K.qconv2d(x, pc, ws, b, act, clip, x_scale=xs, x_zp=xz, y_scale=ys, y_zp=yz, backend="native",
+                        residual=r)
+        assert got.dtype == np.uint8
+        assert_bits(got, ref)
+        assert_bits(K.qconv2d(x, pc, ws, b, act, clip, x_scale=xs, x_zp=xz, y_scale=ys, y_zp=yz, backend="numba",
+                              residual=r), got)
+
+
+def test_qconv2d_u8_threads_and_argument_checks():
+    rng = np.random.default_rng(13)
+    for cs in (dict(C=64, M=96, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=30, W=30),
+               dict(C=32, M=64, group=1, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=40, W=40),
+               dict(C=96, M=96, group=96, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=20, W=20)):
+        _, w, ws, bias = make_conv_case(rng, cs, N=1)
+        x = rng.integers(0, 256, (1, cs["C"], cs["H"], cs["W"])).astype(np.uint8)
+        pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"])
+        one = K.qconv2d(x, pc, ws, bias, "relu", x_scale=0.02, x_zp=100, y_scale=0.05, y_zp=7, threads=1)
+        if NATIVE:
+            assert_bits(K.qconv2d(x, pc, ws, bias, "relu", x_scale=0.02, x_zp=100, y_scale=0.05, y_zp=7, threads=2), one)
+    with pytest.raises(ValueError, match="y_scale"):
+        K.qconv2d(x, pc, ws, bias, x_scale=0.02, x_zp=100)
+    with pytest.raises(ValueError, match="uint8 x"):
+        K.qconv2d(x.astype(F32), pc, ws, bias, x_scale=0.02, x_zp=100, y_scale=0.1)
 
 
 def test_qconv2d_residual_threads_and_shape_check():

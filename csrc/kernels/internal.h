@@ -70,6 +70,8 @@ struct DirectConv {
   float lo, hi;
   float* Y;             // [Mg][OH * OW]
   const float* R;       // residual laid out like Y (added before the activation) or null
+  std::uint8_t* Yu;     // u8 output laid out like Y (then Y is null): requantized after the activation
+  float out_scale, out_zp;
   std::ptrdiff_t oplane;
 };
 
@@ -87,6 +89,11 @@ struct IsaOps {
   void (*depthwise)(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh,
                     int sw, int dh, int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp,
                     float a_scale, int oc, const Epilogue& ep, float* out, std::int32_t* scratch);
+  // The same with u8 output requantized with ep.out_scale / ep.out_zp (null, or false returned:
+  // not for this geometry; the caller then requantizes a float plane).
+  bool (*depthwise_u8)(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw,
+                       int dh, int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
+                       const Epilogue& ep, std::uint8_t* out) = nullptr;
   int kpad = 4;                        // packed K is padded to a multiple of this
   void (*task_begin)() = nullptr;      // per-thread setup around a GEMM task (AMX tile config)
   void (*task_end)() = nullptr;
@@ -95,6 +102,11 @@ struct IsaOps {
   // conv_qt; X must hold every pixel those tiles read).
   void (*conv_direct)(const DirectConv& d, int oc0, int oc1, int q0, int q1) = nullptr;
   int conv_mt = 1, conv_qt = 1, conv_cg_align = 1;
+  // Requantize n floats: q = clamp(nearbyint(y / scale) + zpf, 0, 255) (null: a portable loop).
+  void (*requant)(const float* y, std::size_t n, float scale, float zpf, std::uint8_t* q) = nullptr;
+  // Quantize H rows of W contiguous floats into rows of dst (row stride ldd), one setup for all rows
+  // (null: quant per row).
+  void (*quant_plane)(const float* x, int H, int W, float scale, float zpf, std::uint8_t* dst, int ldd) = nullptr;
   // Quantize n floats of 4 channel rows (x[i] null: the zero point) into n interleaved 4-byte pixels.
   void (*quant_pack4)(const float* const* x, int n, float scale, float zpf, std::uint8_t* dst) = nullptr;
 };

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "internal.h"
 
@@ -108,45 +109,7 @@ void minmax(const float* x, std::size_t n, float* lo, float* hi) {
   *hi = hi_;
 }
 
-// nearbyint(x / s) without a division per element where that is provably the same: q' = x * r
-// with r = fl(1/s) is within 2^-22 |x/s| of x/s, and fl(x/s) within 2^-24 |x/s|, so for
-// |q'| < 256 the two differ by less than 2^-13; when q' is more than 2^-10 away from every
-// half-integer (|q' - nearbyint(q')| < 0.5 - 2^-10), fl(x/s) lies strictly inside the same rounding
-// interval and both round to the same integer. Other lanes (about 1 in 500 for dynamically
-// quantized data, all lanes with |q'| >= 256, NaN/Inf) and scales outside [2^-60, 2^60] take the
-// exact division.
-struct QuantScale {
-  __m512 vs, vr, vz;
-  bool fast;
-  QuantScale(float scale, float zpf)
-      : vs(_mm512_set1_ps(scale)), vr(_mm512_set1_ps(1.f / scale)), vz(_mm512_set1_ps(zpf)),
-        fast(scale >= 0x1p-60f && scale <= 0x1p60f) {}
-};
 
-static inline __m512 round_div(__m512 x, const QuantScale& qs) {
-  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  if (qs.fast) {
-    const __m512 q = _mm512_mul_ps(x, qs.vr);
-    const __m512 r = _mm512_roundscale_ps(q, kNear);
-    const __mmask16 near_int = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(q, r)), _mm512_set1_ps(0.5f - 0x1p-10f),
-                                                  _CMP_LT_OQ);  // false for NaN
-    const __mmask16 ok = _mm512_mask_cmp_ps_mask(near_int, _mm512_abs_ps(q), _mm512_set1_ps(256.f), _CMP_LT_OQ);
-    if (ok == 0xFFFF) return r;
-    return _mm512_mask_roundscale_ps(r, static_cast<__mmask16>(~ok), _mm512_div_ps(x, qs.vs), kNear);
-  }
-  return _mm512_roundscale_ps(_mm512_div_ps(x, qs.vs), kNear);
-}
-
-// Quantized values as int32 lanes in [0, 255].
-static inline __m512i quant16_i32(__m512 x, const QuantScale& qs) {
-  __m512 q = round_div(x, qs);
-  q = _mm512_add_ps(q, qs.vz);
-  q = _mm512_max_ps(q, _mm512_setzero_ps());
-  q = _mm512_min_ps(q, _mm512_set1_ps(255.f));
-  return _mm512_cvttps_epi32(q);
-}
-
-static inline __m128i quant16(__m512 x, const QuantScale& qs) { return _mm512_cvtepi32_epi8(quant16_i32(x, qs)); }
 
 void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* q) {
   const QuantScale qs(scale, zpf);
@@ -155,6 +118,28 @@ void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* 
   if (i < n) {
     const __mmask16 m = col_mask(static_cast<int>(n - i));
     _mm_mask_storeu_epi8(q + i, m, quant16(_mm512_maskz_loadu_ps(m, x + i), qs));
+  }
+}
+
+void requant(const float* y, std::size_t n, float scale, float zpf, std::uint8_t* q) {
+  std::size_t i = 0;
+  const QuantScale qs(scale, zpf);
+  for (; i + 16 <= n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), quant16(_mm512_loadu_ps(y + i), qs));
+  if (i < n) {
+    const __mmask16 m = col_mask(static_cast<int>(n - i));
+    _mm_mask_storeu_epi8(q + i, m, quant16(_mm512_maskz_loadu_ps(m, y + i), qs));
+  }
+}
+
+void quant_plane(const float* x, int H, int W, float scale, float zpf, std::uint8_t* dst, int ldd) {
+  const QuantScale qs(scale, zpf);
+  const int full = W & ~15;
+  const __mmask16 tail = col_mask(W - full);
+  for (int h = 0; h < H; ++h) {
+    const float* xr = x + static_cast<std::ptrdiff_t>(h) * W;
+    std::uint8_t* q = dst + static_cast<std::ptrdiff_t>(h) * ldd;
+    for (int i = 0; i < full; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), quant16(_mm512_loadu_ps(xr + i), qs));
+    if (full < W) _mm_mask_storeu_epi8(q + full, tail, quant16(_mm512_maskz_loadu_ps(tail, xr + full), qs));
   }
 }
 
@@ -195,6 +180,7 @@ void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint
 constexpr int kCMR = 8, kCNB = 3;
 
 void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
+  const QuantScale oq(d.Yu ? d.out_scale : 1.f, d.out_zp);
   const std::ptrdiff_t plane = d.L * 4;
   for (int oc = oc0; oc < oc1; oc += kCMR) {
     for (int q = q0; q < q1; q += 16 * kCNB) {
@@ -224,7 +210,7 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
       }
       const int rows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
       for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < kCNB; ++j) direct_finish16(d, oc + r, q + 16 * j, c[r][j]);
+        for (int j = 0; j < kCNB; ++j) direct_finish16(d, oq, oc + r, q + 16 * j, c[r][j]);
     }
   }
 }
@@ -241,13 +227,15 @@ struct DwCtx {
   Activation act;
   __mmask64 lmask;
   int sw, kW;
+  QuantScale oq{1.f, 0.f};  // u8 output: requantization
 };
 
 static inline __m512i dw_prep(const DwCtx& c, const std::uint8_t* src, __mmask64 m) {
   return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(c.perm, _mm512_maskz_loadu_epi8(m, src)), c.shuf);
 }
 
-static inline void dw_store(const DwCtx& c, __m512i acc, float* o, __mmask16 m) {
+template <class OutT>
+static inline void dw_store(const DwCtx& c, __m512i acc, OutT* o, __mmask16 m) {
   __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, c.corr)), c.vs);
   if (c.bias) y = _mm512_add_ps(y, c.vb);
   if (c.act == Activation::Relu) {
@@ -256,12 +244,15 @@ static inline void dw_store(const DwCtx& c, __m512i acc, float* o, __mmask16 m) 
     y = _mm512_max_ps(y, c.lo);
     y = _mm512_min_ps(y, c.hi);
   }
-  _mm512_mask_storeu_ps(o, m, y);
+  if constexpr (std::is_same_v<OutT, std::uint8_t>)
+    _mm_mask_storeu_epi8(o, m, requant16(y, c.oq));
+  else
+    _mm512_mask_storeu_ps(o, m, y);
 }
 
 // Rows [oh0, oh0 + nr) with compile-time kernel height KH and row stride SH (unit dilation).
-template <int KH, int SH>
-static void dw_block(const DwCtx& c, const std::uint8_t* xp, int Wp, int oh0, int nr, int OW, float* out) {
+template <int KH, int SH, class OutT>
+static void dw_block(const DwCtx& c, const std::uint8_t* xp, int Wp, int oh0, int nr, int OW, OutT* out) {
   constexpr int R = 4, NIN = (R - 1) * SH + KH;
   const int nin = (nr - 1) * SH + KH;  // input rows actually needed (never past the padded plane)
   const std::uint8_t* base = xp + static_cast<std::ptrdiff_t>(oh0 * SH) * Wp;
@@ -287,13 +278,10 @@ static void dw_block(const DwCtx& c, const std::uint8_t* xp, int Wp, int oh0, in
   }
 }
 
-static void depthwise(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw, int dh,
-                      int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
-                      const Epilogue& ep, float* out, std::int32_t* scratch) {
-  if (kW > 4 || dw != 1 || sw > 2 || kH > 16) {
-    depthwise_generic(xp, Wp, w, kH, kW, sh, sw, dh, dw, OH, OW, wsum, zp, a_scale, oc, ep, out, scratch);
-    return;
-  }
+template <class OutT>
+static void depthwise_impl(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw,
+                           int dh, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
+                           const Epilogue& ep, OutT* out) {
   DwCtx c;
   for (int kh = 0; kh < kH; ++kh) {
     std::uint8_t b[4] = {0, 0, 0, 0};
@@ -318,19 +306,20 @@ static void depthwise(const std::uint8_t* xp, int Wp, const std::int8_t* w, int 
   c.lo = _mm512_set1_ps(ep.lo);
   c.hi = _mm512_set1_ps(ep.hi);
   c.corr = _mm512_set1_epi32(static_cast<std::int32_t>(static_cast<std::uint32_t>(zp) * static_cast<std::uint32_t>(wsum)));
+  if constexpr (std::is_same_v<OutT, std::uint8_t>) c.oq = QuantScale(ep.out_scale, ep.out_zp);
   if (kH == 3 && dh == 1 && (sh == 1 || sh == 2)) {
     for (int oh0 = 0; oh0 < OH; oh0 += 4) {
       const int nr = OH - oh0 < 4 ? OH - oh0 : 4;
       if (sh == 1)
-        dw_block<3, 1>(c, xp, Wp, oh0, nr, OW, out);
+        dw_block<3, 1, OutT>(c, xp, Wp, oh0, nr, OW, out);
       else
-        dw_block<3, 2>(c, xp, Wp, oh0, nr, OW, out);
+        dw_block<3, 2, OutT>(c, xp, Wp, oh0, nr, OW, out);
     }
     return;
   }
   for (int oh = 0; oh < OH; ++oh) {
     const std::uint8_t* row0 = xp + static_cast<std::ptrdiff_t>(oh * sh) * Wp;
-    float* o = out + static_cast<std::ptrdiff_t>(oh) * OW;
+    OutT* o = out + static_cast<std::ptrdiff_t>(oh) * OW;
     for (int ow = 0; ow < OW; ow += 16) {
       const int valid = OW - ow < 16 ? OW - ow : 16;
       const __mmask64 m = valid == 16 ? c.lmask : ((1ull << ((valid - 1) * sw + kW)) - 1ull);
@@ -340,6 +329,25 @@ static void depthwise(const std::uint8_t* xp, int Wp, const std::int8_t* w, int 
       dw_store(c, acc, o + ow, col_mask(valid));
     }
   }
+}
+
+static void depthwise(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw, int dh,
+                      int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
+                      const Epilogue& ep, float* out, std::int32_t* scratch) {
+  if (kW > 4 || dw != 1 || sw > 2 || kH > 16) {
+    depthwise_generic(xp, Wp, w, kH, kW, sh, sw, dh, dw, OH, OW, wsum, zp, a_scale, oc, ep, out, scratch);
+    return;
+  }
+  depthwise_impl<float>(xp, Wp, w, kH, kW, sh, sw, dh, OH, OW, wsum, zp, a_scale, oc, ep, out);
+}
+
+// u8 output requantized with ep.out_scale / ep.out_zp; false: this geometry has no u8 kernel.
+static bool depthwise_u8(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw, int dh,
+                         int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
+                         const Epilogue& ep, std::uint8_t* out) {
+  if (kW > 4 || dw != 1 || sw > 2 || kH > 16) return false;
+  depthwise_impl<std::uint8_t>(xp, Wp, w, kH, kW, sh, sw, dh, OH, OW, wsum, zp, a_scale, oc, ep, out);
+  return true;
 }
 
 }  // namespace avx512_isa
@@ -353,6 +361,9 @@ const IsaOps& ops_avx512vnni() {
     o.conv_qt = 16 * avx512_isa::kCNB;
     o.conv_cg_align = 1;
     o.quant_pack4 = avx512_isa::quant_pack4;
+    o.quant_plane = avx512_isa::quant_plane;
+    o.requant = avx512_isa::requant;
+    o.depthwise_u8 = avx512_isa::depthwise_u8;
     return o;
   }();
   return ops;

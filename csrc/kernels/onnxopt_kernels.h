@@ -121,6 +121,14 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
 void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, const std::uint8_t* x_zp,
                  const PackedConv& w, const OutputStage& stage, float* Y, const Parallel& par);
 
+// The same convolution on u8 activations: X [N, C, H, W] already quantized per tensor with
+// (x_scale, x_zp); Y [N, M, OH, OW] u8, requantized with stage.out_scale / stage.out_zp
+// (stage.requant must be true). Bit-identical to qconv2d_f32 on the dequantized input
+// x = (X - x_zp) * x_scale with static (x_scale, x_zp), followed by the requantization (the
+// round trip of each value through dequantization and quantization is exact).
+void qconv2d_u8(const std::uint8_t* X, int N, int H, int W, float x_scale, std::uint8_t x_zp,
+                const PackedConv& w, const OutputStage& stage, std::uint8_t* Y, const Parallel& par);
+
 // Isa that conv weights were packed for (the micro-kernel they run on).
 Isa packed_conv_isa(const PackedConv& w);
 

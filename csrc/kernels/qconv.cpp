@@ -13,7 +13,10 @@
 //    output stored straight into NCHW.
 //  * 1x1 unpadded convs with a stride on those ISAs: the same direct kernel on the subsampled
 //    image (only the pixels the conv reads are quantized and packed, the image is OH x OW).
+#include <emmintrin.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -37,6 +40,11 @@ class PackedConvImpl final : public PackedConv {
   bool direct = false;
   int CGp = 0, Kd = 0, Mp = 0;
   AlignedBuf<std::int8_t> d_w;
+  // Space-to-depth (stride 2x2, few input channels): the direct kernel runs a stride-1 conv with a
+  // ceil(k/2) kernel over the four phase images of the zero-point padded input, the phases of input
+  // channel c being channels 4c..4c+3 (one channel group: (row, col) parity 00, 01, 10, 11).
+  bool s2d = false;
+  int dkH = 1, dkW = 1;  // the direct kernel's size (= kH, kW unless s2d)
 };
 
 struct ConvCtx {
@@ -51,7 +59,56 @@ struct ConvCtx {
   const float* R;  // residual of this image (laid out like Y) or null; then ep.act is None and
   Activation act;  // act/lo/hi are applied after adding R
   float lo, hi;
+  // u8 activations: Xu (this image, already quantized with scale/zpf) replaces X; Yu receives the
+  // requantized output (out_scale/out_zp). Paths that produce float planes write them to Y (then
+  // a staging buffer) and requantize each plane after its residual and activation.
+  const std::uint8_t* Xu;
+  std::uint8_t* Yu;
+  float out_scale, out_zp;
 };
+
+void requant_plane(const IsaOps& o, const float* y, std::size_t n, float s, float zpf, std::uint8_t* q) {
+  if (o.requant) {
+    o.requant(y, n, s, zpf, q);
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    float t = std::nearbyint(y[i] / s) + zpf;
+    t = t > 0.f ? t : 0.f;
+    t = t < 255.f ? t : 255.f;
+    q[i] = static_cast<std::uint8_t>(static_cast<int>(t));
+  }
+}
+
+// 4 u8 channel rows (null: the zero point) -> n interleaved 4-byte pixels, SSE2 unpacks.
+void interleave4_u8(const std::uint8_t* const* x, int n, std::uint8_t z, std::uint8_t* dst) {
+  std::vector<std::uint8_t> zrow;
+  const std::uint8_t* r[4];
+  for (int j = 0; j < 4; ++j) {
+    if (x[j] == nullptr) {
+      if (zrow.empty()) zrow.assign(static_cast<std::size_t>(n), z);
+      r[j] = zrow.data();
+    } else {
+      r[j] = x[j];
+    }
+  }
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[0] + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[1] + i));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[2] + i));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[3] + i));
+    const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
+    const __m128i cd0 = _mm_unpacklo_epi8(c, d), cd1 = _mm_unpackhi_epi8(c, d);
+    __m128i* o = reinterpret_cast<__m128i*>(dst + static_cast<std::ptrdiff_t>(i) * 4);
+    _mm_storeu_si128(o, _mm_unpacklo_epi16(ab0, cd0));
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(ab0, cd0));
+    _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(ab1, cd1));
+    _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(ab1, cd1));
+  }
+  for (; i < n; ++i)
+    for (int j = 0; j < 4; ++j) dst[static_cast<std::ptrdiff_t>(i) * 4 + j] = r[j][i];
+}
 
 // y = act(y + r) over one channel plane: the residual and activation of the output stage for the
 // paths whose inner kernels apply only scale and bias (same float operations, same order).
@@ -72,21 +129,29 @@ void residual_act(float* __restrict y, const float* __restrict r, std::size_t n,
   }
 }
 
-void residual_task(void* data, std::size_t i) {
+// After a float-producing path: residual + activation (when R), then requantization (when Yu),
+// one output channel plane per task.
+void finish_task(void* data, std::size_t i) {
   const ConvCtx& c = *static_cast<const ConvCtx*>(data);
   const std::size_t plane = static_cast<std::size_t>(c.OH) * c.OW;
-  residual_act(c.Y + i * plane, c.R + i * plane, plane, c.act, c.lo, c.hi);
+  if (c.R) residual_act(c.Y + i * plane, c.R + i * plane, plane, c.act, c.lo, c.hi);
+  if (c.Yu) requant_plane(*c.w->ops, c.Y + i * plane, plane, c.out_scale, c.out_zp, c.Yu + i * plane);
 }
 
 void fill_1x1(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale) {
   const ConvCtx& c = *static_cast<const ConvCtx*>(vctx);
   const int Cg = c.w->p.C / c.w->p.group;
   const std::size_t plane = static_cast<std::size_t>(c.H) * c.W;
-  std::vector<std::uint8_t> tmp(static_cast<std::size_t>(mb));
+  std::vector<std::uint8_t> tmp(c.Xu ? 0 : static_cast<std::size_t>(mb));
   for (int ci = 0; ci < Cg; ++ci) {
-    const float* x = c.X + static_cast<std::size_t>(c.g * Cg + ci) * plane + m0;
-    c.w->ops->quant(x, mb, c.scale, c.zpf, tmp.data());
-    for (int r = 0; r < mb; ++r) buf[static_cast<std::size_t>(r) * ldb + ci] = tmp[r];
+    const std::uint8_t* q;
+    if (c.Xu) {
+      q = c.Xu + static_cast<std::size_t>(c.g * Cg + ci) * plane + m0;
+    } else {
+      c.w->ops->quant(c.X + static_cast<std::size_t>(c.g * Cg + ci) * plane + m0, mb, c.scale, c.zpf, tmp.data());
+      q = tmp.data();
+    }
+    for (int r = 0; r < mb; ++r) buf[static_cast<std::size_t>(r) * ldb + ci] = q[r];
   }
   for (int r = 0; r < mb; ++r) {
     zp[r] = static_cast<std::int32_t>(c.zpf);
@@ -150,9 +215,22 @@ void fill_im2col(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, s
 void pad_quant_plane(const ConvCtx& c, std::size_t ci, std::uint8_t* dst) {
   const ConvParams& p = c.w->p;
   const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
+  if (c.Xu) {  // already quantized: zero-point fill and row copies
+    const std::uint8_t* x = c.Xu + ci * static_cast<std::size_t>(c.H) * c.W;
+    std::memset(dst, z, static_cast<std::size_t>(c.Hp) * c.Wp);
+    for (int h = 0; h < c.H; ++h)
+      std::memcpy(dst + static_cast<std::size_t>(p.pad_top + h) * c.Wp + p.pad_left, x + static_cast<std::size_t>(h) * c.W,
+                  static_cast<std::size_t>(c.W));
+    return;
+  }
+  const float* x = c.X + ci * static_cast<std::size_t>(c.H) * c.W;
+  if (c.w->ops->quant_plane) {  // one zero-point fill of the small plane, then every row in one call
+    std::memset(dst, z, static_cast<std::size_t>(c.Hp) * c.Wp);
+    c.w->ops->quant_plane(x, c.H, c.W, c.scale, c.zpf, dst + static_cast<std::size_t>(p.pad_top) * c.Wp + p.pad_left, c.Wp);
+    return;
+  }
   std::memset(dst, z, static_cast<std::size_t>(p.pad_top) * c.Wp);
   std::memset(dst + static_cast<std::size_t>(p.pad_top + c.H) * c.Wp, z, static_cast<std::size_t>(p.pad_bottom) * c.Wp);
-  const float* x = c.X + ci * static_cast<std::size_t>(c.H) * c.W;
   for (int h = 0; h < c.H; ++h) {
     std::uint8_t* row = dst + static_cast<std::size_t>(p.pad_top + h) * c.Wp;
     std::memset(row, z, p.pad_left);
@@ -169,23 +247,46 @@ void pad_quant_task(void* data, std::size_t i) {
   pad_quant_plane(c, ci, const_cast<std::uint8_t*>(c.Xp) + ci * static_cast<std::size_t>(c.Hp) * c.Wp);
 }
 
-// Depthwise: quantize one channel into a task-local padded plane, convolve it at once.
-void depthwise_task(void* data, std::size_t i) {
-  const ConvCtx& c = *static_cast<const ConvCtx*>(data);
+// Depthwise: a task takes a run of channels; per channel, quantize it into a task-local padded
+// plane and convolve it at once (the buffers are allocated once per task, not per channel).
+struct DwJob {
+  const ConvCtx* c;
+  int per_task;  // channels per task
+};
+
+void depthwise_task(void* data, std::size_t t) {
+  const DwJob& job = *static_cast<const DwJob*>(data);
+  const ConvCtx& c = *job.c;
   const ConvParams& p = c.w->p;
   const int Mg = p.M / p.group;
-  const std::size_t ci = static_cast<std::size_t>(p.C) - 1 - i;
   auto plane = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(c.Hp) * c.Wp);
-  pad_quant_plane(c, ci, plane.get());
   const std::uint8_t* xp = plane.get();
   std::vector<std::int32_t> scratch(static_cast<std::size_t>(c.OW) + 64);
   const std::size_t oplane = static_cast<std::size_t>(c.OH) * c.OW;
-  for (int j = 0; j < Mg; ++j) {
-    const int oc = static_cast<int>(ci) * Mg + j;
-    c.w->ops->depthwise(xp, c.Wp, c.w->dw_w.data() + static_cast<std::size_t>(oc) * p.kH * p.kW, p.kH, p.kW,
-                        p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW, c.w->dw_sum[oc],
-                        static_cast<std::int32_t>(c.zpf), c.scale, oc, c.ep, c.Y + oc * oplane, scratch.data());
-    if (c.R) residual_act(c.Y + oc * oplane, c.R + oc * oplane, oplane, c.act, c.lo, c.hi);
+  AlignedBuf<float> yf;  // u8 output: the float plane, requantized once complete
+  if (c.Yu) yf = aligned_alloc_n<float>(oplane);
+  const std::size_t begin = t * job.per_task, end = std::min<std::size_t>(p.C, begin + job.per_task);
+  for (std::size_t i = begin; i < end; ++i) {
+    const std::size_t ci = static_cast<std::size_t>(p.C) - 1 - i;
+    pad_quant_plane(c, ci, plane.get());
+    for (int j = 0; j < Mg; ++j) {
+      const int oc = static_cast<int>(ci) * Mg + j;
+      if (c.Yu && !c.R && c.w->ops->depthwise_u8) {
+        Epilogue ep = c.ep;
+        ep.out_scale = c.out_scale;
+        ep.out_zp = c.out_zp;
+        if (c.w->ops->depthwise_u8(xp, c.Wp, c.w->dw_w.data() + static_cast<std::size_t>(oc) * p.kH * p.kW, p.kH,
+                                   p.kW, p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW, c.w->dw_sum[oc],
+                                   static_cast<std::int32_t>(c.zpf), c.scale, oc, ep, c.Yu + oc * oplane))
+          continue;
+      }
+      float* y = c.Yu ? yf.get() : c.Y + oc * oplane;
+      c.w->ops->depthwise(xp, c.Wp, c.w->dw_w.data() + static_cast<std::size_t>(oc) * p.kH * p.kW, p.kH, p.kW,
+                          p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW, c.w->dw_sum[oc],
+                          static_cast<std::int32_t>(c.zpf), c.scale, oc, c.ep, y, scratch.data());
+      if (c.R) residual_act(y, c.R + oc * oplane, oplane, c.act, c.lo, c.hi);
+      if (c.Yu) requant_plane(*c.w->ops, y, oplane, c.out_scale, c.out_zp, c.Yu + oc * oplane);
+    }
   }
 }
 
@@ -211,6 +312,22 @@ void direct_pack_task(void* data, std::size_t i) {
     return;
   }
   const std::size_t plane = static_cast<std::size_t>(c.H) * c.W;
+  if (c.Xu) {
+    const std::uint8_t* x[4];
+    for (int j = 0; j < 4; ++j)
+      x[j] = cg * 4 + j < Cg ? c.Xu + static_cast<std::size_t>(g * Cg + cg * 4 + j) * plane : nullptr;
+    std::memset(dst, z, static_cast<std::size_t>(k.L) * 4);
+    if (p.pad_left == 0 && p.pad_right == 0) {
+      interleave4_u8(x, c.H * c.W, z, dst + static_cast<std::size_t>(p.pad_top) * c.Wp * 4);
+    } else {
+      for (int h = 0; h < c.H; ++h) {
+        const std::uint8_t* xr[4];
+        for (int j = 0; j < 4; ++j) xr[j] = x[j] ? x[j] + static_cast<std::size_t>(h) * c.W : nullptr;
+        interleave4_u8(xr, c.W, z, dst + (static_cast<std::size_t>(p.pad_top + h) * c.Wp + p.pad_left) * 4);
+      }
+    }
+    return;
+  }
   const float* x[4];
   for (int j = 0; j < 4; ++j)
     x[j] = cg * 4 + j < Cg ? c.X + static_cast<std::size_t>(g * Cg + cg * 4 + j) * plane : nullptr;
@@ -249,6 +366,24 @@ void direct_pack_strided_task(void* data, std::size_t i) {
     return;
   }
   const std::size_t plane = static_cast<std::size_t>(c.H) * c.W;
+  if (c.Xu) {
+    std::vector<std::uint8_t> rows(static_cast<std::size_t>(4) * c.OW);
+    for (int oh = 0; oh < c.OH; ++oh) {
+      const std::uint8_t* xr[4];
+      for (int j = 0; j < 4; ++j) {
+        xr[j] = nullptr;
+        if (cg * 4 + j >= Cg) continue;
+        const std::uint8_t* src = c.Xu + static_cast<std::size_t>(g * Cg + cg * 4 + j) * plane +
+                                  static_cast<std::size_t>(oh) * p.stride_h * c.W;
+        std::uint8_t* r = rows.data() + static_cast<std::size_t>(j) * c.OW;
+        for (int ow = 0; ow < c.OW; ++ow) r[ow] = src[static_cast<std::size_t>(ow) * p.stride_w];
+        xr[j] = r;
+      }
+      interleave4_u8(xr, c.OW, z, dst + static_cast<std::size_t>(oh) * c.OW * 4);
+    }
+    std::memset(dst + used, z, static_cast<std::size_t>(k.L) * 4 - used);
+    return;
+  }
   std::vector<float> rows(static_cast<std::size_t>(4) * c.OW);
   for (int oh = 0; oh < c.OH; ++oh) {
     const float* xr[4];
@@ -266,6 +401,38 @@ void direct_pack_strided_task(void* data, std::size_t i) {
     w.ops->quant_pack4(xr, c.OW, c.scale, c.zpf, dst + static_cast<std::size_t>(oh) * c.OW * 4);
   }
   std::memset(dst + used, z, static_cast<std::size_t>(k.L) * 4 - used);
+}
+
+// Space-to-depth packing of input channel c: quantize (or copy) it into a zero-point padded plane of
+// 2 Hs x 2 Ws, then pixel (i, j) of the phase images is the 2x2 block at (2i, 2j): bytes
+// [x(2i, 2j), x(2i, 2j+1), x(2i+1, 2j), x(2i+1, 2j+1)].
+void s2d_pack_task(void* data, std::size_t i) {
+  const PackCtx& k = *static_cast<const PackCtx*>(data);
+  const ConvCtx& c = *k.c;
+  const PackedConvImpl& w = *c.w;
+  const int C = w.p.C;
+  i = static_cast<std::size_t>(w.CGp) - 1 - i;
+  std::uint8_t* dst = k.Xq + static_cast<std::ptrdiff_t>(i) * k.L * 4;
+  const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
+  std::memset(dst, z, static_cast<std::size_t>(k.L) * 4);
+  if (static_cast<int>(i) >= C) return;  // channel-group padding (zero weights)
+  // pad_quant_plane fills a (Hp x Wp) plane; Hp = 2 Hs and Wp = 2 Ws here (the extra row/column
+  // past the conv's own padding is zero point too).
+  auto plane = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(c.Hp) * c.Wp);
+  std::memset(plane.get(), z, static_cast<std::size_t>(c.Hp) * c.Wp);
+  pad_quant_plane(c, i, plane.get());
+  const int Hs = c.Hp / 2, Ws = c.Wp / 2;
+  for (int r = 0; r < Hs; ++r) {
+    const std::uint8_t* r0 = plane.get() + static_cast<std::size_t>(2 * r) * c.Wp;
+    const std::uint8_t* r1 = r0 + c.Wp;
+    std::uint8_t* o = dst + static_cast<std::size_t>(r) * Ws * 4;
+    for (int j = 0; j < Ws; ++j) {
+      o[4 * j] = r0[2 * j];
+      o[4 * j + 1] = r0[2 * j + 1];
+      o[4 * j + 2] = r1[2 * j];
+      o[4 * j + 3] = r1[2 * j + 1];
+    }
+  }
 }
 
 struct DirectJob {
@@ -337,8 +504,18 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
     throw std::invalid_argument("onnxopt: pack_conv_weights: invalid conv parameters");
   auto w = std::make_shared<PackedConvImpl>();
   w->p = p;
-  w->ops = &ops_for(isa);
+  w->dkH = p.kH;
+  w->dkW = p.kW;
   const int Cg = p.C / p.group, Mg = p.M / p.group, Kg = Cg * p.kH * p.kW;
+  // Stride 2 with few input channels: space-to-depth onto the direct kernel instead of im2col.
+  const bool s2d_shape = p.stride_h == 2 && p.stride_w == 2 && p.dil_h == 1 && p.dil_w == 1 && p.group == 1 &&
+                         Cg <= 16 && Cg > 1 && !(p.kH == 1 && p.kW == 1);
+  // AMX's direct kernel works on 64-channel blocks: with fewer input channels per group most of
+  // each tile multiply is zero padding (C = 32: half of it), and the AVX512-VNNI kernel is faster.
+  // Exception, measured on ResNet-50's 7x7 stem (C = 3): AMX im2col beats space-to-depth on
+  // AVX512-VNNI for kernels larger than 3x3, so those stay on AMX (and its GEMM path).
+  if (isa == Isa::Amx && Cg < 64 && !(s2d_shape && p.kH * p.kW > 9)) isa = Isa::Avx512Vnni;
+  w->ops = &ops_for(isa);
   w->depthwise = Cg == 1;
   if (w->depthwise) {
     w->dw_w.assign(W, W + static_cast<std::size_t>(p.M) * Kg);
@@ -347,11 +524,31 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
       for (int k = 0; k < Kg; ++k) w->dw_sum[oc] += W[static_cast<std::size_t>(oc) * Kg + k];
   } else if (w->ops->conv_direct &&
              ((p.stride_h == 1 && p.stride_w == 1) ||
-              (p.kH == 1 && p.kW == 1 && p.pad_top == 0 && p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0))) {
+              (p.kH == 1 && p.kW == 1 && p.pad_top == 0 && p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0) ||
+              (s2d_shape && isa != Isa::Amx))) {
     const IsaOps& o = *w->ops;
-    const int taps = p.kH * p.kW;
     w->direct = true;
-    w->CGp = round_up((Cg + 3) / 4, o.conv_cg_align);
+    w->s2d = p.stride_h == 2 && !(p.kH == 1 && p.kW == 1);
+    w->dkH = w->s2d ? (p.kH + 1) / 2 : p.kH;
+    w->dkW = w->s2d ? (p.kW + 1) / 2 : p.kW;
+    const int taps = w->dkH * w->dkW;
+    std::vector<std::int8_t> expanded;  // s2d: [M][4 Cg][dkH][dkW], zero where 2k + parity >= kernel
+    int Ce = Cg;
+    if (w->s2d) {
+      Ce = 4 * Cg;
+      expanded.assign(static_cast<std::size_t>(p.M) * Ce * taps, 0);
+      for (int oc = 0; oc < p.M; ++oc)
+        for (int c = 0; c < Cg; ++c)
+          for (int kh = 0; kh < p.kH; ++kh)
+            for (int kw = 0; kw < p.kW; ++kw) {
+              const int ce = c * 4 + (kh % 2) * 2 + kw % 2, t = (kh / 2) * w->dkW + kw / 2;
+              expanded[(static_cast<std::size_t>(oc) * Ce + ce) * taps + t] =
+                  W[((static_cast<std::size_t>(oc) * Cg + c) * p.kH + kh) * p.kW + kw];
+            }
+      W = expanded.data();
+    }
+    const int Ke = Ce * taps;
+    w->CGp = round_up((Ce + 3) / 4, o.conv_cg_align);
     w->Kd = taps * w->CGp * 4;
     w->Mp = round_up(Mg, o.conv_mt);
     const std::size_t per_group = static_cast<std::size_t>(w->Mp) * w->Kd;
@@ -360,10 +557,10 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
     w->dw_sum.assign(p.M, 0);
     for (int g = 0; g < p.group; ++g)
       for (int oc = 0; oc < Mg; ++oc) {
-        const std::int8_t* src = W + static_cast<std::size_t>(g * Mg + oc) * Kg;
+        const std::int8_t* src = W + static_cast<std::size_t>(g * Mg + oc) * Ke;
         std::int8_t* dst = w->d_w.get() + g * per_group + static_cast<std::size_t>(oc) * w->Kd;
         std::int32_t sum = 0;
-        for (int c = 0; c < Cg; ++c)
+        for (int c = 0; c < Ce; ++c)
           for (int t = 0; t < taps; ++t) {
             const std::int8_t v = src[c * taps + t];
             dst[(t * w->CGp + c / 4) * 4 + c % 4] = v;
@@ -384,25 +581,37 @@ Isa packed_conv_isa(const PackedConv& pw) {
   return w->ops->isa;
 }
 
-void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, const std::uint8_t* x_zp,
-                 const PackedConv& pw, const OutputStage& stage, float* Y, const Parallel& par) {
-  const auto* w = dynamic_cast<const PackedConvImpl*>(&pw);
-  if (!w) throw std::invalid_argument("onnxopt: qconv2d_f32: weights were not packed by pack_conv_weights");
-  if (stage.requant) throw std::invalid_argument("onnxopt: qconv2d_f32 produces float output (requant unsupported)");
-  // With a residual the inner kernels of the non-direct paths run without the activation; the
-  // residual and the activation are applied per channel plane right after (residual_act).
+namespace detail {
+namespace {
+
+// Float (X) or u8 (Xu, quantized with *x_scale / *x_zp) input; float (Y) or u8 (Yu, stage.requant)
+// output. With a residual the inner kernels of the non-direct paths run without the activation;
+// the residual and the activation are applied per channel plane right after (residual_act), and a
+// u8 output of those paths is requantized from a float plane then.
+void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, const float* x_scale,
+               const std::uint8_t* x_zp, const PackedConvImpl* w, const OutputStage& stage, float* Y,
+               std::uint8_t* Yu, const Parallel& par) {
   const ConvParams& p = w->p;
   const int OH = conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
   const int OW = conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
   if (N < 0 || H <= 0 || W <= 0 || OH <= 0 || OW <= 0)
-    throw std::invalid_argument("onnxopt: qconv2d_f32: input too small for the kernel");
+    throw std::invalid_argument("onnxopt: qconv2d: input too small for the kernel");
   const std::vector<float> ws = expand_scale(stage, p.M);
   const int Mg = p.M / p.group;
   const bool direct = !w->direct && p.kH == 1 && p.kW == 1 && p.stride_h == 1 && p.stride_w == 1 &&
                       p.pad_top == 0 && p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0 && !w->depthwise;
   // 1x1 strided direct path: a stride-1 conv over the OH x OW subsampled image.
-  const bool subsample = w->direct && (p.stride_h != 1 || p.stride_w != 1);
-  const int Hp = subsample ? OH : H + p.pad_top + p.pad_bottom, Wp = subsample ? OW : W + p.pad_left + p.pad_right;
+  const bool subsample = w->direct && !w->s2d && (p.stride_h != 1 || p.stride_w != 1);
+  // Hp x Wp: the plane an input channel is padded and quantized into; DH x DW: the direct kernel's
+  // image (output pixel q = oh * DW + ow), the phase images for s2d.
+  int Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
+  if (subsample) Hp = OH, Wp = OW;
+  int DH = Hp, DW = Wp;
+  if (w->s2d) {
+    DH = (Hp + 1) / 2, DW = (Wp + 1) / 2;
+    Hp = 2 * DH, Wp = 2 * DW;
+  }
+  const int ddil_h = w->s2d ? 1 : p.dil_h, ddil_w = w->s2d ? 1 : p.dil_w;
   const std::size_t in_img = static_cast<std::size_t>(p.C) * H * W;
   const std::size_t out_plane = static_cast<std::size_t>(OH) * OW;
   AlignedBuf<std::uint8_t> xp;
@@ -412,19 +621,28 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
   int Nqp = 0;
   if (w->direct) {
     const IsaOps& o = *w->ops;
-    for (int kh = 0; kh < p.kH; ++kh)
-      for (int kw = 0; kw < p.kW; ++kw) tap_off.push_back(kh * p.dil_h * Wp + kw * p.dil_w);
-    Nqp = round_up(OH * Wp, o.conv_qt);
-    L = round_up(std::max(Hp * Wp, Nqp + tap_off.back()), 16);
+    for (int kh = 0; kh < w->dkH; ++kh)
+      for (int kw = 0; kw < w->dkW; ++kw) tap_off.push_back(kh * ddil_h * DW + kw * ddil_w);
+    Nqp = round_up(OH * DW, o.conv_qt);
+    L = round_up(std::max(DH * DW, Nqp + tap_off.back()), 16);
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.group) * w->CGp * L * 4);
   } else if (!direct && !w->depthwise) {
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
   }
+  // u8 output of the GEMM paths: float staging image, requantized per plane in finish_task
+  // (the GEMM epilogue requantizes straight into Yu when there is no residual to add first)
+  const bool stage_gemm = Yu && !w->direct && !w->depthwise && stage.residual;
+  AlignedBuf<float> ystage;
+  if (stage_gemm) ystage = aligned_alloc_n<float>(static_cast<std::size_t>(p.M) * out_plane);
 
   for (int n = 0; n < N; ++n) {
     ConvCtx c{};
     c.w = w;
-    c.X = X + n * in_img;
+    c.X = X ? X + n * in_img : nullptr;
+    c.Xu = Xu ? Xu + n * in_img : nullptr;
+    c.Yu = Yu ? Yu + n * static_cast<std::size_t>(p.M) * out_plane : nullptr;
+    c.out_scale = stage.out_scale;
+    c.out_zp = static_cast<float>(stage.out_zp);
     c.Xp = xp.get();
     c.H = H, c.W = W, c.Hp = Hp, c.Wp = Wp, c.OH = OH, c.OW = OW;
     if (x_scale) {
@@ -435,7 +653,7 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
       image_minmax(*w->ops, c.X, in_img, par, &lo, &hi);
       dynamic_params(lo, hi, &c.scale, &c.zpf);
     }
-    c.Y = Y + n * static_cast<std::size_t>(p.M) * out_plane;
+    c.Y = Yu ? ystage.get() : Y + n * static_cast<std::size_t>(p.M) * out_plane;  // null: u8 straight out
     c.ep.wscale = ws.data();
     c.ep.bias = stage.bias;
     c.ep.act = stage.residual ? Activation::None : stage.act;
@@ -447,7 +665,8 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
     c.hi = stage.clip_hi;
     if (w->direct) {
       PackCtx pk{&c, xp.get(), L};
-      par(subsample ? direct_pack_strided_task : direct_pack_task, static_cast<std::size_t>(p.group) * w->CGp, &pk);
+      par(w->s2d ? s2d_pack_task : subsample ? direct_pack_strided_task : direct_pack_task,
+          static_cast<std::size_t>(p.group) * w->CGp, &pk);
       const IsaOps& o = *w->ops;
       const int degree = (par.run && par.degree > 1) ? par.degree : 1;
       for (int g = 0; g < p.group; ++g) {
@@ -458,9 +677,9 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
         d.W = w->d_w.get() + static_cast<std::size_t>(g) * w->Mp * w->Kd;
         d.Kd = w->Kd;
         d.CGp = w->CGp;
-        d.taps = p.kH * p.kW;
+        d.taps = w->dkH * w->dkW;
         d.tap_off = tap_off.data();
-        d.Wp = Wp, d.OH = OH, d.OW = OW;
+        d.Wp = DW, d.OH = OH, d.OW = OW;
         d.Mg = Mg;
         d.wsum = w->dw_sum.data() + static_cast<std::size_t>(g) * Mg;
         d.zp = static_cast<std::int32_t>(c.zpf);
@@ -470,7 +689,10 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
         d.act = stage.act;
         d.lo = stage.clip_lo;
         d.hi = stage.clip_hi;
-        d.Y = c.Y + static_cast<std::size_t>(g) * Mg * out_plane;
+        d.Y = Yu ? nullptr : c.Y + static_cast<std::size_t>(g) * Mg * out_plane;
+        d.Yu = c.Yu ? c.Yu + static_cast<std::size_t>(g) * Mg * out_plane : nullptr;
+        d.out_scale = c.out_scale;
+        d.out_zp = c.out_zp;
         d.R = c.R ? c.R + static_cast<std::size_t>(g) * Mg * out_plane : nullptr;
         d.oplane = static_cast<std::ptrdiff_t>(out_plane);
         j.ops = &o;
@@ -500,7 +722,10 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
       continue;
     }
     if (w->depthwise) {
-      par(depthwise_task, static_cast<std::size_t>(p.C), &c);
+      // about 4 tasks per thread (load balance), all channels in one task when serial
+      const int degree = (par.run && par.degree > 1) ? par.degree : 1;
+      DwJob job{&c, degree == 1 ? p.C : std::max(1, p.C / (4 * degree))};
+      par(depthwise_task, static_cast<std::size_t>((p.C + job.per_task - 1) / job.per_task), &job);
       continue;
     }
     if (!direct) par(pad_quant_task, static_cast<std::size_t>(p.C), &c);
@@ -509,13 +734,45 @@ void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, cons
       cg.g = g;
       cg.ep.wscale = ws.data() + static_cast<std::size_t>(g) * Mg;
       cg.ep.bias = stage.bias ? stage.bias + static_cast<std::size_t>(g) * Mg : nullptr;
-      cg.ep.cf = c.Y + static_cast<std::size_t>(g) * Mg * out_plane;
+      if (Yu && !stage_gemm) {
+        cg.ep.requant = true;
+        cg.ep.cu = c.Yu + static_cast<std::size_t>(g) * Mg * out_plane;
+        cg.ep.out_scale = c.out_scale;
+        cg.ep.out_zp = c.out_zp;
+      } else {
+        cg.ep.cf = c.Y + static_cast<std::size_t>(g) * Mg * out_plane;
+      }
       cg.ep.ldm = 1;
       cg.ep.ldn = static_cast<std::ptrdiff_t>(out_plane);
       run_gemm(*w->groups[g], static_cast<int>(out_plane), ASource{direct ? fill_1x1 : fill_im2col, &cg}, cg.ep, par);
     }
-    if (c.R) par(residual_task, static_cast<std::size_t>(p.M), &c);
+    if (c.R) par(finish_task, static_cast<std::size_t>(p.M), &c);  // requantizes too when staged
   }
+}
+
+const PackedConvImpl* conv_impl_of(const PackedConv& pw, const char* fn) {
+  const auto* w = dynamic_cast<const PackedConvImpl*>(&pw);
+  if (!w) throw std::invalid_argument(std::string("onnxopt: ") + fn + ": weights were not packed by pack_conv_weights");
+  return w;
+}
+
+}  // namespace
+}  // namespace detail
+
+void qconv2d_f32(const float* X, int N, int H, int W, const float* x_scale, const std::uint8_t* x_zp,
+                 const PackedConv& pw, const OutputStage& stage, float* Y, const Parallel& par) {
+  const PackedConvImpl* w = conv_impl_of(pw, "qconv2d_f32");
+  if (stage.requant) throw std::invalid_argument("onnxopt: qconv2d_f32 produces float output (requant unsupported)");
+  conv_impl(X, nullptr, N, H, W, x_scale, x_zp, w, stage, Y, nullptr, par);
+}
+
+void qconv2d_u8(const std::uint8_t* X, int N, int H, int W, float x_scale, std::uint8_t x_zp, const PackedConv& pw,
+                const OutputStage& stage, std::uint8_t* Y, const Parallel& par) {
+  const PackedConvImpl* w = conv_impl_of(pw, "qconv2d_u8");
+  if (!stage.requant) throw std::invalid_argument("onnxopt: qconv2d_u8 produces u8 output (stage.requant must be set)");
+  if (!(x_scale > 0.f) || !(stage.out_scale > 0.f))
+    throw std::invalid_argument("onnxopt: qconv2d_u8: x_scale and out_scale must be positive");
+  conv_impl(nullptr, X, N, H, W, &x_scale, &x_zp, w, stage, nullptr, Y, par);
 }
 
 }  // namespace onnxopt

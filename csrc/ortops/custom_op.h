@@ -3,7 +3,9 @@
 //
 // A Kernel provides
 //   static constexpr const char* kName;
-//   static const IoSpec kInputs[];  static constexpr std::size_t kNumInputs;   (one float output)
+//   static const IoSpec kInputs[];  static constexpr std::size_t kNumInputs;
+//   static constexpr ONNXTensorElementDataType kOutputType;  (one output; UNDEFINED: the type of the
+//   kernel's one UNDEFINED-typed input, which ORT requires to be unique)
 //   Kernel(const OrtKernelInfo*, int degree);   // validates and packs; throws OpError
 //   void compute(OrtKernelContext*) const;      // const: concurrent Run() calls share the kernel
 #pragma once
@@ -34,7 +36,7 @@ const OrtCustomOp& custom_op_template() {
       return Kernel::kInputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     o.GetOutputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 1; };
-    o.GetOutputType = [](const OrtCustomOp*, std::size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    o.GetOutputType = [](const OrtCustomOp*, std::size_t) { return Kernel::kOutputType; };
     o.GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
     o.GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
     o.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };

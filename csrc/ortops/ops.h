@@ -25,6 +25,7 @@ class QGemmKernel {
   enum Input : std::size_t { X = 0, W, WScale, Bias, XScale, XZeroPoint, WZeroPoint };
   static const IoSpec kInputs[];
   static constexpr std::size_t kNumInputs = 7;
+  static constexpr ONNXTensorElementDataType kOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
   QGemmKernel(const OrtKernelInfo* info, int degree);
   void compute(OrtKernelContext* ctx) const;
@@ -40,9 +41,12 @@ class QGemmKernel {
 class QConvKernel {
  public:
   static constexpr const char* kName = "QConv";
-  enum Input : std::size_t { X = 0, W, WScale, Bias, XScale, XZeroPoint, Residual };
+  enum Input : std::size_t { X = 0, W, WScale, Bias, XScale, XZeroPoint, Residual, YScale, YZeroPoint };
   static const IoSpec kInputs[];
-  static constexpr std::size_t kNumInputs = 7;
+  static constexpr std::size_t kNumInputs = 9;
+  // X is float or uint8 (then already quantized with x_scale / x_zero_point); Y has X's type
+  // (uint8: requantized with y_scale / y_zero_point).
+  static constexpr ONNXTensorElementDataType kOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   enum class AutoPad { NotSet, SameUpper, SameLower, Valid };
 
   QConvKernel(const OrtKernelInfo* info, int degree);

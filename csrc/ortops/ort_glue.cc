@@ -145,6 +145,14 @@ float* output_f32(OrtKernelContext* ctx, std::size_t i, const std::vector<std::i
   return static_cast<float*>(data);
 }
 
+std::uint8_t* output_u8(OrtKernelContext* ctx, std::size_t i, const std::vector<std::int64_t>& shape) {
+  OrtValue* v = nullptr;
+  check(api().KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &v));
+  void* data = nullptr;
+  check(api().GetTensorMutableData(v, &data));
+  return static_cast<std::uint8_t*>(data);
+}
+
 namespace {
 void run_on_ort_pool(void* c, void (*fn)(void*, std::size_t), std::size_t total, void* data) {
   auto* kc = static_cast<const OrtKernelContext*>(c);

@@ -84,6 +84,7 @@ std::string shape_str(const std::vector<std::int64_t>& s);
 // ---- kernel compute ----
 const OrtValue* input_or_null(OrtKernelContext* ctx, std::size_t i);  // nullptr for absent optionals
 float* output_f32(OrtKernelContext* ctx, std::size_t i, const std::vector<std::int64_t>& shape);
+std::uint8_t* output_u8(OrtKernelContext* ctx, std::size_t i, const std::vector<std::int64_t>& shape);
 // Parallel-for on the session's intra-op pool for this call; degree = its thread count.
 Parallel parallel_for(const OrtKernelContext* ctx, int degree);
 

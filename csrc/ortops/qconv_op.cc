@@ -1,4 +1,5 @@
 // com.onnxopt::QConv — 2-D convolution, NCHW float in and out, int8 weights packed once.
+#include <cmath>
 #include <limits>
 
 #include "ops.h"
@@ -6,13 +7,15 @@
 namespace onnxopt::ortops {
 
 const IoSpec QConvKernel::kInputs[] = {
-    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},  // X
+    {ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, false},  // X: float, or uint8 (u8 in, u8 out)
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, false},   // W
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},  // w_scale
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},   // bias
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},   // x_scale
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true},   // x_zero_point
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},   // residual: added before the activation
+    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},   // y_scale: uint8 X only, the output's scale
+    {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true},   // y_zero_point
 };
 
 namespace {
@@ -87,6 +90,8 @@ QConvKernel::QConvKernel(const OrtKernelInfo* kinfo, int degree) : degree_(degre
       info.fail("bias must have M = " + std::to_string(p.M) + " elements, got shape " + shape_str(tensor_ref(b).shape));
   }
   check_static_inputs(info, XScale, XZeroPoint);
+  if (info.has_input(YZeroPoint) && !info.has_input(YScale))
+    info.fail("y_zero_point is given without y_scale");
   read_activation(info, &act_);
 
   const auto* wdata = wt.as<std::int8_t>();
@@ -136,6 +141,9 @@ void QConvKernel::compute(OrtKernelContext* ctx) const {
   TensorRef x = tensor_ref(input_or_null(ctx, X));
   auto fail = [&](const std::string& msg) { throw OpError("onnxopt " + where_ + ": " + msg); };
   if (x.shape.size() != 4) fail("X must be NCHW (rank 4), got shape " + shape_str(x.shape));
+  const bool u8 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  if (!u8 && x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    fail(std::string("X must be float or uint8, got ") + type_name(x.type));
   if (x.shape[1] != base_.C)
     fail("X has " + std::to_string(x.shape[1]) + " channels, W expects C = " + std::to_string(base_.C));
   constexpr std::int64_t kMax = std::numeric_limits<int>::max();
@@ -153,6 +161,25 @@ void QConvKernel::compute(OrtKernelContext* ctx) const {
   read_scales_and_bias(ctx, WScale, Bias, base_.M, where_, &stage);
   StaticQuant q;
   read_static_quant(ctx, XScale, XZeroPoint, where_, &q);
+  const OrtValue* ys = input_or_null(ctx, YScale);
+  if (u8) {
+    if (q.scale == nullptr) fail("a uint8 X needs x_scale (and x_zero_point): its quantization");
+    if (ys == nullptr) fail("a uint8 X gives a uint8 Y, which needs y_scale (and y_zero_point)");
+    TensorRef yst = tensor_ref(ys);
+    if (yst.count != 1) fail("y_scale must hold one value, got shape " + shape_str(yst.shape));
+    const float v = *yst.as<float>();
+    if (!(v > 0.f) || !std::isfinite(v)) fail("y_scale must be positive and finite, got " + std::to_string(v));
+    stage.requant = true;
+    stage.out_scale = v;
+    stage.out_zp = 0;
+    if (const OrtValue* yz = input_or_null(ctx, YZeroPoint)) {
+      TensorRef yzt = tensor_ref(yz);
+      if (yzt.count != 1) fail("y_zero_point must hold one value, got shape " + shape_str(yzt.shape));
+      stage.out_zp = *yzt.as<std::uint8_t>();
+    }
+  } else if (ys != nullptr) {
+    fail("y_scale is only for a uint8 X (the output has X's type)");
+  }
 
   if (const OrtValue* r = input_or_null(ctx, Residual)) {
     TensorRef rt = tensor_ref(r);
@@ -161,9 +188,16 @@ void QConvKernel::compute(OrtKernelContext* ctx) const {
       fail("residual must have the output's shape " + shape_str(want) + ", got " + shape_str(rt.shape));
     stage.residual = rt.as<float>();
   }
-  float* y = output_f32(ctx, 0, {x.shape[0], base_.M, OH, OW});
-  if (N == 0) return;
+  const std::vector<std::int64_t> y_shape{x.shape[0], base_.M, OH, OW};
   std::shared_ptr<const PackedConv> packed = packed_for(pads);
+  if (u8) {
+    std::uint8_t* y = output_u8(ctx, 0, y_shape);
+    if (N == 0) return;
+    qconv2d_u8(x.as<std::uint8_t>(), N, H, Wd, *q.scale, *q.zero_point, *packed, stage, y, parallel_for(ctx, degree_));
+    return;
+  }
+  float* y = output_f32(ctx, 0, y_shape);
+  if (N == 0) return;
   qconv2d_f32(x.as<float>(), N, H, Wd, q.scale, q.zero_point, *packed, stage, y, parallel_for(ctx, degree_));
 }
 

@@ -378,6 +378,35 @@ py::array qconv2d_f32(const CArr<float>& x, const PackedC& pc, const CArr<float>
   return std::move(out);
 }
 
+py::array qconv2d_u8(const CArr<std::uint8_t>& x, const PackedC& pc, const CArr<float>& w_scale,
+                     const std::optional<CArr<float>>& bias, const std::string& activation, float clip_lo,
+                     float clip_hi, float x_scale, int x_zp, float y_scale, int y_zp, std::optional<int> threads,
+                     const std::optional<CArr<float>>& residual) {
+  const onnxopt::ConvParams& p = pc.w->params();
+  if (x.ndim() != 4 || x.shape(1) != p.C) throw std::invalid_argument("onnxopt: qconv2d expects x[N, C, H, W] with C matching the weights");
+  const int N = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(2)), W = static_cast<int>(x.shape(3));
+  const int OH = onnxopt::conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
+  const int OW = onnxopt::conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
+  if (OH <= 0 || OW <= 0) throw std::invalid_argument("onnxopt: qconv2d: input smaller than the kernel");
+  onnxopt::OutputStage st = make_stage(w_scale, bias, p.M, activation, clip_lo, clip_hi);
+  if (x_zp < 0 || x_zp > 255 || y_zp < 0 || y_zp > 255) throw std::invalid_argument("onnxopt: x_zp and y_zp must be in [0, 255]");
+  if (residual) {
+    if (residual->ndim() != 4 || residual->shape(0) != N || residual->shape(1) != p.M || residual->shape(2) != OH ||
+        residual->shape(3) != OW)
+      throw std::invalid_argument("onnxopt: qconv2d: residual must have the output's shape [N, M, OH, OW]");
+    st.residual = residual->data();
+  }
+  st.requant = true;
+  st.out_scale = y_scale;
+  st.out_zp = static_cast<std::uint8_t>(y_zp);
+  ParallelHolder ph(resolve_threads(threads));
+  py::array_t<std::uint8_t> out({N, p.M, OH, OW});
+  std::uint8_t* o = out.mutable_data();
+  py::gil_scoped_release nogil;
+  onnxopt::qconv2d_u8(x.data(), N, H, W, x_scale, static_cast<std::uint8_t>(x_zp), *pc.w, st, o, ph.par);
+  return std::move(out);
+}
+
 // Core clock estimate: a chain of dependent 64-bit multiplies (3-cycle latency on every x86 core
 // of the last decade; adds are not used because recent cores fold dependent add-immediates).
 double estimate_ghz() {
@@ -439,5 +468,9 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("qconv2d_f32", &qconv2d_f32, py::arg("x"), py::arg("packed"), py::arg("w_scale"), py::arg("bias") = py::none(),
         py::arg("activation") = "none", py::arg("clip_lo") = 0.f, py::arg("clip_hi") = 0.f,
         py::arg("x_scale") = py::none(), py::arg("x_zp") = 0, py::arg("threads") = py::none(),
+        py::arg("residual") = py::none());
+  m.def("qconv2d_u8", &qconv2d_u8, py::arg("x"), py::arg("packed"), py::arg("w_scale"), py::arg("bias") = py::none(),
+        py::arg("activation") = "none", py::arg("clip_lo") = 0.f, py::arg("clip_hi") = 0.f, py::arg("x_scale"),
+        py::arg("x_zp"), py::arg("y_scale"), py::arg("y_zp"), py::arg("threads") = py::none(),
         py::arg("residual") = py::none());
 }

@@ -43,7 +43,14 @@ _OP_INPUTS = {  # input name -> element type, in the ops' input order
     "QGemm": (("X", np.float32), ("W", np.int8), ("w_scale", np.float32), ("bias", np.float32),
               ("x_scale", np.float32), ("x_zero_point", np.uint8), ("w_zero_point", np.int8)),
     "QConv": (("X", np.float32), ("W", np.int8), ("w_scale", np.float32), ("bias", np.float32),
-              ("x_scale", np.float32), ("x_zero_point", np.uint8), ("residual", np.float32)),
+              ("x_scale", np.float32), ("x_zero_point", np.uint8), ("residual", np.float32),
+              ("y_scale", np.float32), ("y_zero_point", np.uint8)),
+}
+# Python fallback ops: fixed input/output types, so QConv on uint8 activations is its own op.
+_FALLBACK_OPS = {
+    "QGemm": (_OP_INPUTS["QGemm"], np.float32),
+    "QConv": (_OP_INPUTS["QConv"], np.float32),
+    "QConvU8": ((("X", np.uint8),) + _OP_INPUTS["QConv"][1:], np.uint8),
 }
 
 
@@ -216,7 +223,7 @@ class _Fallback:
         self._errors = {}  # session id -> exceptions raised inside the Python ops
         self._lock = threading.Lock()
         self._warned = False
-        for op in _OP_INPUTS:
+        for op in _FALLBACK_OPS:
             self._declare(op)
 
     def library_path(self) -> str:
@@ -226,8 +233,9 @@ class _Fallback:
         P = self._ortx.PyCustomOpDef
         dt = {np.float32: P.dt_float, np.int8: P.dt_int8, np.uint8: P.dt_uint8}
         body = self._qgemm if op == "QGemm" else self._qconv
+        inputs, out = _FALLBACK_OPS[op]
         self._ortx.onnx_op(op_type=f"{_FALLBACK_DOMAIN}::{op}",
-                           inputs=[dt[t] for _, t in _OP_INPUTS[op]], outputs=[P.dt_float],
+                           inputs=[dt[t] for _, t in inputs], outputs=[dt[out]],
                            attrs={"spec": P.dt_string})(body)
 
     def forget(self, session_id, keys):
@@ -252,6 +260,7 @@ class _Fallback:
         session = uuid.uuid4().hex
         keys = []
         empties = {}
+        self._types = _elem_types(model)
         self._rewrite_graph(model.graph, set(), session, keys, empties, model.graph)
         for name, (dtype, _) in empties.items():
             model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((0,), dtype), name))
@@ -297,7 +306,10 @@ class _Fallback:
                 v = onnx.helper.get_attribute_value(a)
                 spec[a.name] = v.decode() if isinstance(v, bytes) else (list(v) if not np.isscalar(v) else v)
             keys.append(spec["key"])
-            new = onnx.helper.make_node(node.op_type, names, list(node.output), name=node.name,
+            fb_op = node.op_type
+            if fb_op == "QConv" and self._types.get(node.input[0]) == onnx.TensorProto.UINT8:
+                fb_op = "QConvU8"
+            new = onnx.helper.make_node(fb_op, names, list(node.output), name=node.name,
                                         domain=_FALLBACK_DOMAIN, spec=json.dumps(spec))
             graph.node[idx].CopyFrom(new)
 
@@ -314,20 +326,46 @@ class _Fallback:
     # onnxruntime-extensions aborts the process when a Python op raises, so the ops never do: the
     # error is parked under the session's id, an empty tensor goes out, and InferenceSession.run
     # raises the parked error once ORT returns.
-    def _guarded(self, run, spec, *args):
+    def _guarded(self, run, spec, *args, out_dtype=np.float32):
         spec = json.loads(spec)
         try:
             return run(self, spec, *args)
         except BaseException as e:  # noqa: BLE001 - must not cross into onnxruntime-extensions
             with self._lock:
                 self._errors.setdefault(spec["key"].split("/")[0], []).append(e)
-            return np.zeros((0,), np.float32)
+            return np.zeros((0,), out_dtype)
 
     def _qgemm(self, x, w, w_scale, bias, x_scale, x_zp, w_zp, spec):
         return self._guarded(_run_qgemm, spec, x, w, w_scale, bias, x_scale, x_zp, w_zp)
 
-    def _qconv(self, x, w, w_scale, bias, x_scale, x_zp, residual, spec):
-        return self._guarded(_run_qconv, spec, x, w, w_scale, bias, x_scale, x_zp, residual)
+    def _qconv(self, x, w, w_scale, bias, x_scale, x_zp, residual, y_scale, y_zp, spec):
+        return self._guarded(_run_qconv, spec, x, w, w_scale, bias, x_scale, x_zp, residual, y_scale, y_zp,
+                             out_dtype=np.uint8 if x.dtype == np.uint8 else np.float32)
+
+
+def _elem_types(model):
+    """Tensor name -> element type over every graph of the model (after shape inference, which our
+    schemas take part in), for choosing a fallback op by its input type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the types are a hint; unknown means float
+        inferred = model
+    types = {}
+    for g in _graphs(inferred.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.HasField("tensor_type"):
+                types[vi.name] = vi.type.tensor_type.elem_type
+        for t in g.initializer:
+            types[t.name] = t.data_type
+    return types
+
+
+def _graphs(g):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _graphs(sub)
 
 
 def _deepcopy(model):
@@ -370,7 +408,7 @@ def _run_qgemm(fb, spec, x, w, w_scale, bias, x_scale, x_zp, w_zp):
     return np.asarray(y, np.float32).reshape(x.shape[:-1] + (N,))
 
 
-def _run_qconv(fb, spec, x, w, w_scale, bias, x_scale, x_zp, residual):
+def _run_qconv(fb, spec, x, w, w_scale, bias, x_scale, x_zp, residual, y_scale, y_zp):
     k = fb._kernels
     M, cg, kh, kw = w.shape
     group = int(spec.get("group", 1))
@@ -382,11 +420,22 @@ def _run_qconv(fb, spec, x, w, w_scale, bias, x_scale, x_zp, residual):
                       [int(v) for v in spec.get("pads", [0, 0, 0, 0])], spec.get("auto_pad", "NOTSET"))
     packed = fb._cached((spec["key"], tuple(pads)), lambda: k.pack_conv_weights(
         np.ascontiguousarray(w), group=group, strides=strides, pads=pads, dilations=dil))
-    y = k.qconv2d(np.ascontiguousarray(x, dtype=np.float32), packed,
+    y = k.qconv2d(np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32), packed,
                       np.ascontiguousarray(w_scale.reshape(-1), dtype=np.float32), bias=_present(spec, 3, bias),
                       residual=_present(spec, 6, residual), **_epilogue_args(spec),
-                      **_static_args(spec, x_scale, x_zp))
-    return np.asarray(y, np.float32)
+                      **_static_args(spec, x_scale, x_zp), **_output_args(spec, x, y_scale, y_zp))
+    return np.asarray(y, np.uint8 if x.dtype == np.uint8 else np.float32)
+
+
+def _output_args(spec, x, y_scale, y_zp):
+    if not spec["present"][7]:
+        if x.dtype == np.uint8:
+            raise ValueError(f"onnxopt {spec['where']}: a uint8 X gives a uint8 Y, which needs y_scale")
+        return {}
+    if x.dtype != np.uint8:
+        raise ValueError(f"onnxopt {spec['where']}: y_scale is only for a uint8 X")
+    zp = int(y_zp.reshape(-1)[0]) if spec["present"][8] else 0
+    return dict(y_scale=float(y_scale.reshape(-1)[0]), y_zp=zp)
 
 
 def _conv_pads(H, W, kh, kw, strides, dil, pads, auto_pad):

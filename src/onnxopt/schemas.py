@@ -17,7 +17,7 @@ VERSION = 1
 
 # Input order (optional inputs are omitted at the end or given the empty name "").
 QGEMM_INPUTS = ("X", "W", "w_scale", "bias", "x_scale", "x_zero_point", "w_zero_point")
-QCONV_INPUTS = ("X", "W", "w_scale", "bias", "x_scale", "x_zero_point", "residual")
+QCONV_INPUTS = ("X", "W", "w_scale", "bias", "x_scale", "x_zero_point", "residual", "y_scale", "y_zero_point")
 ACTIVATIONS = ("none", "relu", "clip")
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
@@ -90,9 +90,9 @@ def _known(d):
     return isinstance(d, int)
 
 
-def _set_output(ctx, dims):
+def _set_output(ctx, dims, elem_type=TensorProto.FLOAT):
     tp = onnx.TypeProto()
-    tp.tensor_type.elem_type = TensorProto.FLOAT
+    tp.tensor_type.elem_type = elem_type
     if dims is not None:
         shape = tp.tensor_type.shape
         for d in dims:
@@ -158,8 +158,27 @@ def _conv_out(size, k, stride, dil, pad0, pad1, auto_pad):
     return out
 
 
+def _input_elem_type(ctx, i):
+    if not ctx.has_input(i):
+        return None
+    t = ctx.get_input_type(i)
+    if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
+        return t.tensor_type.elem_type
+    return None
+
+
+def _has(ctx, i):
+    return ctx.get_num_inputs() > i and ctx.has_input(i)
+
+
 def _infer_qconv(ctx):
     _check_activation(ctx, "QConv")
+    x_type = _input_elem_type(ctx, 0) or TensorProto.FLOAT
+    if x_type == TensorProto.UINT8:
+        if not _has(ctx, 4) or not _has(ctx, 7):
+            raise ShapeError("QConv: a uint8 X needs x_scale (its quantization) and y_scale (the uint8 output's)")
+    elif _has(ctx, 7):
+        raise ShapeError("QConv: y_scale is only for a uint8 X (the output has X's type)")
     x = _input_dims(ctx, 0)
     w = _input_dims(ctx, 1)
     group = _attr(ctx, "group", 1)
@@ -182,7 +201,7 @@ def _infer_qconv(ctx):
     _check_len("QConv", "w_scale", _input_dims(ctx, 2), m)
     _check_len("QConv", "bias", _input_dims(ctx, 3), m)
     if x is None:
-        _set_output(ctx, None)
+        _set_output(ctx, None, x_type)
         return
     kh, kw = (w[2], w[3]) if w is not None else (None, None)
     ks = _attr(ctx, "kernel_shape", None)
@@ -195,7 +214,7 @@ def _infer_qconv(ctx):
     if r is not None:
         if len(r) != 4 or any(_known(a) and _known(b) and a != b for a, b in zip(r, out)):
             raise ShapeError(f"QConv: residual must have the output's shape {out}, got {r}")
-    _set_output(ctx, out)
+    _set_output(ctx, out, x_type)
 
 
 # ---- schemas ----------------------------------------------------------------------------------
@@ -231,11 +250,17 @@ def _qconv_schema():
         "QConv", DOMAIN, VERSION,
         "2-D convolution with int8 weights [M, C/group, kH, kW], NCHW float in and out, int32 "
         "accumulation, fused scale, bias and activation. See onnxopt passes.md, Custom operators.",
-        inputs=_common_inputs("int8 weights [M, C/group, kH, kW], a constant initializer", "M") + [
+        inputs=[_param("X", "TX", "activations: float, or uint8 already quantized with x_scale / x_zero_point "
+                       "(then Y is uint8 too)")]
+        + _common_inputs("int8 weights [M, C/group, kH, kW], a constant initializer", "M")[1:] + [
             _param("residual", "T", "optional float tensor shaped like Y, added after the bias and before "
-                   "the activation (a fused residual connection)", optional=True)],
-        outputs=[_param("Y", "T", "float output [N, M, OH, OW]")],
-        type_constraints=_TYPES,
+                   "the activation (a fused residual connection)", optional=True),
+            _param("y_scale", "T", "uint8 X only: the uint8 output's scale (scalar)", optional=True),
+            _param("y_zero_point", "tensor(uint8)", "uint8 X only: the output's zero point (default 0)",
+                   optional=True)],
+        outputs=[_param("Y", "TX", "output [N, M, OH, OW], X's type")],
+        type_constraints=_TYPES + [("TX", ["tensor(float)", "tensor(uint8)"], "X and Y: float, or uint8 "
+                                    "(u8 activations chained between convolutions)")],
         attributes=attrs,
     )
     s.set_type_and_shape_inference_function(_infer_qconv)

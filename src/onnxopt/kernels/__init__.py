@@ -338,17 +338,36 @@ def residual_activation(y, residual, activation, lo, hi):
     return y
 
 
-def qconv2d(x, packed: PackedConv, w_scale, bias=None, activation="none", clip=None,
-            x_scale=None, x_zp=None, backend=None, threads=None, residual=None):
-    """int8 conv of float32 x[N, C, H, W] -> float32[N, M, OH, OW].
+def requantize(y, scale, zp):
+    """u8 = clamp(rint(y / scale) + zp, 0, 255) in float32 (NaN -> 0), the kernels' output requantization."""
+    t = np.rint(y / np.float32(scale)) + np.float32(zp)
+    t = np.where(t > 0, t, np.float32(0))
+    t = np.where(t < 255, t, np.float32(255))
+    return t.astype(np.uint8)
 
-    Activations are quantized per tensor: statically with x_scale/x_zp, else dynamically per image.
+
+def qconv2d(x, packed: PackedConv, w_scale, bias=None, activation="none", clip=None,
+            x_scale=None, x_zp=None, backend=None, threads=None, residual=None, y_scale=None, y_zp=None):
+    """int8 conv of float32 x[N, C, H, W] -> float32[N, M, OH, OW], or of uint8 x -> uint8.
+
+    Float x: activations are quantized per tensor, statically with x_scale/x_zp, else dynamically
+    per image. uint8 x: already quantized with (x_scale, x_zp), both required; the output is
+    requantized to uint8 with (y_scale, y_zp): bit-identical to the float path on the dequantized
+    input followed by `requantize`.
     w_scale: scalar or per output channel [M]; bias None or [M]; activation as in qgemm_u8.
     residual: None or float32[N, M, OH, OW], added after the bias and before the activation.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    u8 = np.asarray(x).dtype == np.uint8
+    if u8:
+        x = np.ascontiguousarray(x)
+        if x_scale is None or y_scale is None:
+            raise ValueError("uint8 x needs x_scale (and x_zp) and y_scale (and y_zp): input and output quantization")
+    else:
+        if y_scale is not None:
+            raise ValueError("y_scale (a uint8 output) needs a uint8 x")
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] != packed.C:
-        raise ValueError(f"x must be float32[N, {packed.C}, H, W], got {list(x.shape)}")
+        raise ValueError(f"x must be [N, {packed.C}, H, W], got {list(x.shape)}")
     N, M, OH, OW = packed.out_shape(x.shape)
     if OH <= 0 or OW <= 0:
         raise ValueError("input is smaller than the kernel")
@@ -363,9 +382,16 @@ def qconv2d(x, packed: PackedConv, w_scale, bias=None, activation="none", clip=N
         if residual.shape != (N, M, OH, OW):
             raise ValueError(f"residual must have the output's shape {[N, M, OH, OW]}, got {list(residual.shape)}")
     if _check_backend(backend) == "native":
+        if u8:
+            return _native.qconv2d_u8(x, packed.native(), ws, b, activation, lo, hi, float(np.float32(x_scale)), zp,
+                                      float(np.float32(y_scale)), 0 if y_zp is None else int(y_zp), threads, residual)
         return _native.qconv2d_f32(x, packed.native(), ws, b, activation, lo, hi,
                                    None if x_scale is None else float(np.float32(x_scale)), zp, threads,
                                    residual)
+    if u8:  # the exact round trip: dequantized values quantize back to the same integers
+        y = qconv2d((x.astype(np.float32) - np.float32(zp)) * np.float32(x_scale), packed, ws, b, activation,
+                    clip, x_scale, zp, backend="numba", residual=residual)
+        return requantize(y, y_scale, 0 if y_zp is None else int(y_zp))
     out = np.empty((N, M, OH, OW), np.float32)
     final = activation
     if residual is not None:

@@ -28,6 +28,6 @@ register_preset("default", DEFAULT)
 # final one, whatever the order of the passes.
 register_preset("int8", ["default", "import_qdq",
                          get_pass("quantize_auto", tolerance=dict(guard.DEFAULT_TOLERANCE), autotune=True),
-                         "quantize_embeddings", "fuse_qconv_residual"])
+                         "quantize_embeddings", "fuse_qconv_residual", "chain_qconv_u8"])
 
 BUILTIN = frozenset(_REGISTRY)  # what onnxopt itself registers, before any user code runs

@@ -3,6 +3,7 @@ embedding tables.
 
 Importing the package registers the passes. The lowering targets and numerics are in common.py.
 """
+from . import chain  # noqa: F401  (registers chain_qconv_u8)
 from . import dynamic  # noqa: F401  (registers quantize_dynamic)
 from . import embeddings  # noqa: F401  (registers quantize_embeddings)
 from . import fp16  # noqa: F401  (registers convert_fp16)

@@ -194,8 +194,18 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
     // Split rows first (each task packs/quantizes only its own rows); split columns only when
     // there are too few row tiles to keep every thread busy.
     const int target = static_cast<int>(std::min<long long>(4LL * degree, max_tasks));
-    job.mchunks = std::min(job.mtiles, target);
-    if (job.mchunks < 2 * degree) job.nchunks = std::min(np, (target + job.mchunks - 1) / job.mchunks);
+    // Every row chunk streams all of B, every column chunk quantizes/packs all of its rows. When the
+    // packed weights outweigh the float rows (e.g. 128 x 768 x 3072: 2.4 MB against 0.4 MB, and
+    // eight row chunks read B from L3 eight times), split the columns only, one chunk per thread.
+    const long long b_bytes = static_cast<long long>(B.Kp) * B.N_;
+    const long long a_bytes = static_cast<long long>(M) * B.K_ * 4;
+    if (b_bytes > 2 * a_bytes && b_bytes > (1LL << 20) && np >= degree) {
+      job.mchunks = 1;
+      job.nchunks = degree;
+    } else {
+      job.mchunks = std::min(job.mtiles, target);
+      if (job.mchunks < 2 * degree) job.nchunks = std::min(np, (target + job.mchunks - 1) / job.mchunks);
+    }
   }
   if (degree == 1) {  // one task, on this thread: no pool round trip
     for (int i = 0; i < job.mchunks * job.nchunks; ++i) gemm_task(&job, static_cast<std::size_t>(i));

@@ -370,3 +370,32 @@ def test_a_plain_chain_has_no_blocks():
     _, report = run_auto(outlier_mlp(), feeds(1), autotune=False)
     assert not any("block" in r for r in report.quantization)
     assert "by block" not in str(report)
+
+
+@pytest.mark.parametrize("chained_faster", [True, False])
+def test_conv_slower_alone_is_readmitted_when_the_chain_pays(chained_faster):
+    """A conv that loses alone (float in, float out) can pay between uint8 neighbours: the guard times
+    the whole model, with the preset's residual/chain rewrites, with and without it."""
+    from .test_quantize_chain import calib as chain_calib
+    from .test_quantize_chain import chain_net
+    model = chain_net(5)
+    seen = []
+
+    def timer(models, feeds_):
+        qconvs = [sum(n.op_type == "QConv" for n in m.graph.node) for m in models]
+        if len(models[0].graph.node) <= 3:  # one site alone: conv1 loses, the others pay
+            names = {n.name for n in models[0].graph.node}
+            return [1.0, 2.0] if any(n.startswith("conv1") for n in names) else [1.0, 0.5]
+        if all(qconvs):  # without conv1 / with every conv (chained)
+            seen.append(qconvs)
+            return [1.0, 0.5] if chained_faster else [0.5, 1.0]
+        return [1.0, 0.5]  # fp32 against int8
+
+    q, report = run_auto(model, chain_calib(n=8), timer=timer, tolerance=None)
+    r = rows(report)
+    assert seen and seen[0][1] == seen[0][0] + 1  # conv1 is the only difference
+    if chained_faster:
+        assert r["conv1"]["quantized"] and "slower alone" in r["conv1"]["reason"]
+        assert any("re-admitted" in t for _, t in report.messages)
+    else:
+        assert not r["conv1"]["quantized"] and r["conv1"]["reason"].startswith("cost")

@@ -218,6 +218,14 @@ void pad_quant_plane(const ConvCtx& c, std::size_t ci, std::uint8_t* dst) {
   if (c.Xu) {  // already quantized: zero-point fill and row copies
     const std::uint8_t* x = c.Xu + ci * static_cast<std::size_t>(c.H) * c.W;
     std::memset(dst, z, static_cast<std::size_t>(c.Hp) * c.Wp);
+    if (c.W < 32) {  // short rows: a byte loop beats a libc call per row
+      for (int h = 0; h < c.H; ++h) {
+        std::uint8_t* d = dst + static_cast<std::size_t>(p.pad_top + h) * c.Wp + p.pad_left;
+        const std::uint8_t* s = x + static_cast<std::size_t>(h) * c.W;
+        for (int i = 0; i < c.W; ++i) d[i] = s[i];
+      }
+      return;
+    }
     for (int h = 0; h < c.H; ++h)
       std::memcpy(dst + static_cast<std::size_t>(p.pad_top + h) * c.Wp + p.pad_left, x + static_cast<std::size_t>(h) * c.W,
                   static_cast<std::size_t>(c.W));

@@ -8,7 +8,10 @@ after `min_macs`):
    on held-out data, is timed in float and in int8 on this machine (interleaved medians, sessions
    without spinning, `threads` threads); a site stays float unless int8 is at least `min_speedup`
    times faster. Sites with the same shapes and attributes are timed once. (onnxruntime's QDQ ops
-   only pay in chains, so for that target step 3 decides alone.)
+   only pay in chains, so for that target step 3 decides alone.) Convs sent back this way are then
+   tried together in the whole model (after the preset's residual and uint8-chain rewrites, where a
+   conv between uint8 neighbours pays without its float input and output) and taken back if the
+   model is `min_speedup` times faster with them.
 2. accuracy (`tolerance` or `eval_fn`/`max_drop`): when the model with every remaining site quantized
    misses the tolerance, sites are ranked by their effect: SQNR of each site's own output when only it
    is quantized (one run of a "shadow" model holding a quantized copy of every site next to the float
@@ -18,7 +21,7 @@ after `min_macs`):
    by their worst site; the shortest worst-first prefix that meets the tolerance, by doubling then
    bisection), then the sites of the returned blocks are re-admitted one at a time, least sensitive
    first, while the tolerance holds. Without such blocks the same search runs over single sites.
-3. cost again, whole model: int8 against the float model on a held-out feed; when it is not
+3. cost again, whole model (with the same rewrites): int8 against the float model on a held-out feed; when it is not
    `min_speedup` times faster the sites that saved least go back to float (half at a time), and with
    none left the optimized fp32 model is what comes out.
 
@@ -218,9 +221,11 @@ class Guard:
         r["quantized"], r["reason"] = False, reason
 
     # ---- models
-    def build(self, base: onnx.ModelProto, names, shadow: bool = False) -> onnx.ModelProto:
+    def build(self, base: onnx.ModelProto, names, shadow: bool = False, fused: bool = False) -> onnx.ModelProto:
         """`base` with the sites rooted at the nodes `names` quantized (shadow: quantized copies next to
-        the float sites, with both results and each site's input as extra outputs)."""
+        the float sites, with both results and each site's input as extra outputs; fused: followed by
+        the exact rewrites the int8 preset runs after lowering — residual Adds into QConv, uint8 chains —
+        so that whole-model timings see what the preset will produce)."""
         g = ir.import_graph(base)
         with scratch(self.ctx, g):
             sites = [s for s in (find_site(n, g, self.ctx) for n in list(g.nodes) if n.name in names)
@@ -240,6 +245,11 @@ class Guard:
                             have.add(t.name)
             else:
                 self.lower(g, self.ctx, sites, self.ranges, self.target, prefix="qg")
+                if fused and self.target == "onnxopt":
+                    from .chain import ChainQConvU8
+                    from .residual import FuseQConvResidual
+                    for p in (FuseQConvResidual(), ChainQConvU8()):
+                        p.run(g, self.ctx)
             tidy(g)
             return ir.export_model(g, base)
 
@@ -300,6 +310,7 @@ class Guard:
             # so a lone op pays layout transposes a chain does not (seen: every MobileNet conv slower
             # alone, the whole model 2.3x faster). The whole-model check below decides for them.
             kept = self.tune_nodes(kept)
+            kept = self.readmit_chained(kept)
         if self.accuracy:
             if self.eval_fn is not None:
                 self.base_score = float(self.eval_fn(self.fp32))
@@ -480,12 +491,34 @@ class Guard:
                           f"({'; '.join(returned)}){again}")
         return [n for n in kept if n not in back]
 
+    def readmit_chained(self, kept: List[str]) -> List[str]:
+        """Sites slower alone can pay inside a chain of uint8 convs (no float tensor in or out): time
+        the whole model (with the preset's post-lowering rewrites) with and without the sites the cost
+        step returned to float, and take them back when that is at least `min_speedup` faster."""
+        rejected = [n for n in self.sites if n not in kept and self.rows[n]["reason"].startswith("cost")
+                    and self.sites[n].kind == "conv"]  # only QConv chains (QGemm has no uint8 mode)
+        if not rejected or not kept:
+            return kept
+        feed = self.check[0]
+        without = self.build(self.fp32, set(kept), fused=True)
+        with_all = self.build(self.fp32, set(kept) | set(rejected), fused=True)
+        ta, tb = (float(t) for t in self.timer([without, with_all], [feed, feed]))
+        if tb <= 0 or ta / tb < float(self.o["min_speedup"]):
+            return kept
+        for n in rejected:
+            r = self.rows[n]
+            r["quantized"], r["reason"] = True, ""
+            r["readmitted_cost"] = f"slower alone, whole model {ta:.3f} -> {tb:.3f} ms with it"
+        self.ctx.note(f"guard: {len(rejected)} site(s) slower alone re-admitted: the whole model runs "
+                      f"{ta / tb:.2f}x faster with them (uint8 chains)")
+        return kept + rejected
+
     def tune_model(self, kept: List[str]):
         margin = float(self.o["min_speedup"])
         feed = self.check[0]
         timing = None
         while kept:
-            q = self.build(self.fp32, set(kept))
+            q = self.build(self.fp32, set(kept), fused=True)
             tf, tq = (float(t) for t in self.timer([self.fp32, q], [feed, feed]))
             timing = (tf, tq)
             speed = tf / tq if tq > 0 else math.inf
@@ -510,6 +543,8 @@ class Guard:
                 r["reason"] = "int8 pays" if self.o["autotune"] else "int8"
                 if self.accuracy:
                     r["reason"] += ", within tolerance"
+                if r.get("readmitted_cost"):
+                    r["reason"] += f" (cost: {r['readmitted_cost']})"
                 if r.get("readmitted"):
                     r["reason"] += f" (accuracy (block {r['block']}): re-admitted after its block went to fp32)"
         ctx.report.quantization = list(self.rows.values())

@@ -135,9 +135,10 @@ def _quantization_table(rows: List[dict]) -> str:
         return format(r[k], fmt) if r.get(k) is not None else "-"
 
     w = max([len(r["node"]) for r in rows] + [4])
-    lines = [f"{'node':<{w}} {'op':<6} {'int8':<4} {'SQNR dB':>7} {'alone cos':>9} {'fp32 ms':>8} {'int8 ms':>8}  reason"]
+    ow = max([len(r["op"]) for r in rows] + [6])  # ConvTranspose is wider than Conv/MatMul/Gemm
+    lines = [f"{'node':<{w}} {'op':<{ow}} {'int8':<4} {'SQNR dB':>7} {'alone cos':>9} {'fp32 ms':>8} {'int8 ms':>8}  reason"]
     for r in rows:
-        lines.append(f"{r['node']:<{w}} {r['op']:<6} {'yes' if r['quantized'] else 'no':<4} {num(r, 'sqnr_db', '.1f'):>7} "
+        lines.append(f"{r['node']:<{w}} {r['op']:<{ow}} {'yes' if r['quantized'] else 'no':<4} {num(r, 'sqnr_db', '.1f'):>7} "
                      f"{num(r, 'alone_cosine', '.5f'):>9} {num(r, 'ms_fp32', '.3f'):>8} {num(r, 'ms_int8', '.3f'):>8}  "
                      f"{r['reason']}")
     return "\n".join(lines)

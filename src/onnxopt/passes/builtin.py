@@ -5,7 +5,8 @@ Each pass module registers its passes on import and lists, in `DEFAULT`, the one
 folding, then fusions, and analysis (shape refresh) last. The manager repeats this exact group to a
 fixed point.
 """
-from . import cleanup, fold, fusion, prune, quantize  # noqa: F401  (prune and quantize register their passes)
+# convtranspose, prune and quantize register their passes on import
+from . import cleanup, convtranspose, fold, fusion, prune, quantize  # noqa: F401
 from .base import _REGISTRY, get_pass, pass_class, register_preset
 from .quantize import guard
 
@@ -26,6 +27,15 @@ register_preset("default", DEFAULT)
 # quantize_auto gave that MatMul its own int8 copy. What judges the whole result, embeddings included,
 # is optimize()'s fidelity measurement and verify=True: both run the original model against the
 # final one, whatever the order of the passes.
+# ConvTranspose is quantized by quantize_auto itself, site by site, through convtranspose_to_conv's
+# rewrite (QConv + DepthToSpace + Slice); the preset does not run convtranspose_to_conv before it.
+# The float rewrite is not reliably faster than onnxruntime's own ConvTranspose (measured, 1 thread,
+# 64->32 channels on 56x56: 4x4 stride 2 pad 1 1.88 ms against 2.19 ms, but 3x3 stride 2 pad 1
+# output_padding 1 1.68 ms against 1.28 ms: ceil(3/2) = 2 taps per phase is 16/9 the multiply-adds),
+# so rewriting every ConvTranspose first would leave the ones the guards keep in fp32 slower than the
+# original, and the cost guard would time each int8 candidate against that rewritten Conv instead of
+# the ConvTranspose it replaces. As a site rooted at the ConvTranspose, the guards' fp32 side is the
+# real ConvTranspose (timing and fidelity), and a site they return to fp32 is never rewritten.
 register_preset("int8", ["default", "import_qdq",
                          get_pass("quantize_auto", tolerance=dict(guard.DEFAULT_TOLERANCE), autotune=True),
                          "quantize_embeddings", "fuse_qconv_residual", "chain_qconv_u8"])

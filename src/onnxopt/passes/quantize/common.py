@@ -10,7 +10,7 @@ activations are u8 with a zero point (`scale = (hi - lo) / 255` over a range wid
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -18,6 +18,9 @@ import onnx_graphsurgeon as gs
 
 from ..base import PassContext, PassOptionError, Refusal
 from ..fusion import _is_const
+
+if TYPE_CHECKING:
+    from .. import convtranspose
 
 F32 = np.float32
 DOMAIN = "com.onnxopt"
@@ -83,6 +86,11 @@ class Site:
     `weight` is [K, N] for MatMul/Gemm (Gemm's transB and alpha applied) and [M, C/g, kH, kW] for
     Conv; `bias` is [N] / [M] or None. `nodes` are the graph nodes the site replaces, `out` the tensor
     its result must land in (the last node's output), `pre_act` the tensor before the activation.
+
+    A ConvTranspose site (kind "conv", `upsample` set) is quantized through convtranspose_to_conv's
+    rewrite: `weight` and `bias` are those of the equivalent stride-1 Conv ([M*sH*sW, C/g, uH, uW]),
+    and lowering emits QConv with the plan's attributes followed by its DepthToSpace/Slice. The site
+    still roots at the ConvTranspose, so whatever stays float stays a ConvTranspose.
     """
 
     node: gs.Node
@@ -98,6 +106,7 @@ class Site:
     act_node: Optional[gs.Node] = None
     macs: int = 0
     transposed: bool = False  # weight was transposed from the graph's layout
+    upsample: Optional["convtranspose.Plan"] = None  # a ConvTranspose site (see above)
 
     @property
     def channels(self) -> int:
@@ -167,7 +176,7 @@ def find_site(node: gs.Node, graph: gs.Graph, ctx: PassContext, *, fold_bias: bo
     op = node.op
     if (node.domain or "") not in ("", "ai.onnx"):
         return Refusal("not a default-domain op")
-    if op not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
+    if op not in ("MatMul", "Gemm", "Conv", "ConvTranspose") or len(node.inputs) < 2:
         return Refusal(f"{op} is not quantized")
     x, w_t = node.inputs[0], node.inputs[1]
     if not _is_const(ctx, w_t):
@@ -178,7 +187,22 @@ def find_site(node: gs.Node, graph: gs.Graph, ctx: PassContext, *, fold_bias: bo
     x_shape = x.shape
     transposed = False
     bias = None
-    if op in ("MatMul", "Gemm"):
+    upsample = None
+    if op == "ConvTranspose":
+        from .. import convtranspose
+
+        b_t = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+        upsample = convtranspose.plan(ctx, node, x, w_t, b_t)
+        if isinstance(upsample, Refusal):
+            return Refusal(f"ConvTranspose: {upsample}")
+        wv = ctx.value(w_t)
+        if wv is None:
+            return Refusal("ConvTranspose: weight cannot be read")
+        w = upsample.weight(np.asarray(wv, F32))
+        if b_t is not None:
+            bias = upsample.bias(np.asarray(ctx.value(b_t), F32)).astype(F32)
+        kind, macs, axis, out_rank = "conv", upsample.macs(), 1, 4
+    elif op in ("MatMul", "Gemm"):
         if len(w_shape) != 2:
             return Refusal(f"{op}: weight is not 2-D")
         if x_shape is None or len(x_shape) < 2:
@@ -226,13 +250,16 @@ def find_site(node: gs.Node, graph: gs.Graph, ctx: PassContext, *, fold_bias: bo
         out_shape = node.outputs[0].shape or ()
         spatial = int(np.prod([d for d in out_shape[2:] if isinstance(d, int) and d > 0] or [1]))
         kind, macs, axis, out_rank = "conv", spatial * int(np.prod(w.shape)), 1, 4
-    n_ch = w.shape[1] if kind == "gemm" else w.shape[0]
-    site = Site(node, kind, x, w_t, w, bias, [node], node.outputs[0], macs=macs, transposed=transposed)
+    n_ch = w.shape[1] if kind == "gemm" else upsample.m if upsample is not None else w.shape[0]
+    site = Site(node, kind, x, w_t, w, bias, [node], node.outputs[0], macs=macs, transposed=transposed,
+                upsample=upsample)
     if fold_bias:
         nxt = _sole_consumer(site.out, graph)
         if nxt is not None and nxt.op == "Add" and (nxt.domain or "") in ("", "ai.onnx"):
             v = _const_operand(ctx, nxt, site.out)
             vec = _bias_vector(np.asarray(v), n_ch, out_rank, axis) if v is not None else None
+            if vec is not None and upsample is not None:
+                vec = upsample.bias(vec).astype(F32)  # the Conv's channel m*phases + r is channel m
             if vec is not None:
                 site.bias = vec if site.bias is None else (site.bias + vec).astype(F32)
                 site.nodes.append(nxt)
@@ -280,7 +307,7 @@ class Emitter:
     def weights(self, site: Site, layout: str) -> Tuple[gs.Constant, gs.Constant, np.ndarray, np.ndarray]:
         """(q constant, scale constant, q array, scale array) for the site's weight, once per tensor."""
         key = (id(site.weight_tensor), site.transposed, float(site.node.attrs.get("alpha", 1.0))
-               if site.node.op == "Gemm" else 1.0, layout)
+               if site.node.op == "Gemm" else 1.0, layout, site.upsample.key if site.upsample is not None else None)
         hit = self._weights.get(key)
         if hit is None:
             axis = 1 if site.kind == "gemm" else 0
@@ -312,15 +339,44 @@ def lower_onnxopt(em: Emitter, site: Site, x_scale=None, x_zp=None) -> gs.Node:
     if site.activation == "clip":
         attrs["clip_min"], attrs["clip_max"] = float(site.clip[0]), float(site.clip[1])
     if site.kind == "conv":
+        src = site.upsample.conv_attrs() if site.upsample is not None else site.node.attrs
         for k in ("strides", "pads", "dilations", "group", "auto_pad", "kernel_shape"):
-            if k in site.node.attrs:
-                v = site.node.attrs[k]
+            if k in src:
+                v = src[k]
                 attrs[k] = v if not isinstance(v, (list, tuple)) else [int(i) for i in v]
     op = "QGemm" if site.kind == "gemm" else "QConv"
     node = em.node(op, inputs, [], f"{site.node.name or op}_{op}", domain=DOMAIN, **attrs)
-    em.take_over(site, node)
     em.ctx.require_domain(DOMAIN, 1)
+    if site.upsample is not None:
+        _upsample_tail(em, site, node)
+    else:
+        em.take_over(site, node)
     return node
+
+
+def _upsample_tail(em: Emitter, site: Site, conv: gs.Node) -> None:
+    """A ConvTranspose site: `conv` computes the phases; the plan's DepthToSpace/Slice interleave and
+    crop them into the site's output."""
+    plan = site.upsample
+    n = site.x.shape[0] if site.x.shape is not None else None
+    base = site.node.name or "convtranspose"
+    y = em.var(f"{base}_phases", F32, [n, plan.m * plan.phases] + plan.conv_len())
+    conv.outputs.append(y)
+
+    def make(op_type, inputs, shape, **attrs):
+        out = em.var(f"{base}_{op_type}", F32, shape)
+        em.node(op_type, [em.const(op_type.lower(), i) if isinstance(i, np.ndarray) else i for i in inputs], [out],
+                f"{base}_{op_type}", **attrs)
+        return out
+
+    last = plan.tail(make, y, n)
+    if last is y:  # stride 1 without a crop: the Conv is the whole thing
+        conv.outputs.clear()
+        em.take_over(site, conv)
+        return
+    producer = last.inputs[0]
+    producer.outputs.clear()
+    em.take_over(site, producer)
 
 
 def lower_dynamic_ort(em: Emitter, site: Site) -> None:
@@ -396,6 +452,8 @@ def lower_static_ort(em: Emitter, site: Site, xd: gs.Variable, x_scale: np.float
     float op (MatMul becomes Gemm, with a Reshape pair for rank > 2, because onnxruntime only fuses
     per-column MatMul weights in Gemm form), bias (int32 via DQ for Gemm), activation kept as a node
     (onnxruntime folds it into the quantized op)."""
+    if site.upsample is not None:  # quantize_static refuses them for this target
+        raise ValueError("ConvTranspose sites are lowered for the onnxopt target only")
     wq, ws_c, _, ws = em.weights(site, "ort")
     base = site.node.name or site.node.op
     zeros = em.const("w_zp", np.zeros(len(ws), np.int8))

@@ -285,7 +285,7 @@ class Guard:
         refused: list = []
         sites = self.static.sites(graph, ctx, refused)
         for node, reason in refused:
-            if node.op in ("Conv", "MatMul", "Gemm"):
+            if node.op in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
                 self.rows[node.name] = {"node": node.name, "op": node.op, "quantized": False, "reason": reason}
         if not sites:
             return self.finish([], None)

@@ -16,7 +16,8 @@ from .common import (QDQ, Emitter, Site, activation_params, check_common_options
 from .dynamic import QuantizeDynamic
 
 STATIC_OPTIONS = {"target": "auto", "method": "minmax", "percentile": 99.999, "bins": 2048, "min_macs": 4096,
-                  "op_types": ("Conv", "MatMul", "Gemm"), "exclude": (), "progress": True, "max_batches": None}
+                  "op_types": ("Conv", "ConvTranspose", "MatMul", "Gemm"), "exclude": (), "progress": True,
+                  "max_batches": None}
 
 
 def _check_static_options(p) -> None:
@@ -32,7 +33,7 @@ def _check_static_options(p) -> None:
 
 @register_pass
 class QuantizeStatic(Pass):
-    """Conv/MatMul/Gemm -> int8 with activation ranges calibrated on the given data."""
+    """Conv/ConvTranspose/MatMul/Gemm -> int8 with activation ranges calibrated on the given data."""
 
     name = "quantize_static"
     kind = "quantize"
@@ -40,7 +41,7 @@ class QuantizeStatic(Pass):
     idempotent = True  # what it emits has no float weight left to quantize
     needs_calibration = True
     recurse_subgraphs = False  # calibration observes the main graph's tensors
-    supported_ops = ("Conv", "MatMul", "Gemm")
+    supported_ops = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     options = dict(STATIC_OPTIONS)
 
     def validate_options(self) -> None:
@@ -51,10 +52,16 @@ class QuantizeStatic(Pass):
         refusals: Counter = Counter()
         sites = []
         exclude = set(self.options["exclude"])
+        ort_target = resolve_target(self.options["target"]) == "onnxruntime"
         for node in list(graph.nodes):
             if node.op not in self.options["op_types"] or not node.outputs:
                 continue
-            site = Refusal("excluded by option") if node.name in exclude else find_site(node, graph, ctx)
+            if node.name in exclude:
+                site = Refusal("excluded by option")
+            elif node.op == "ConvTranspose" and ort_target:
+                site = Refusal("ConvTranspose is quantized for the onnxopt target only")
+            else:
+                site = find_site(node, graph, ctx)
             if not isinstance(site, Refusal) and site.macs < int(self.options["min_macs"]):
                 site = Refusal(f"{node.op} too small for int8 to pay (< min_macs={self.options['min_macs']})")
             if isinstance(site, Refusal):
@@ -123,7 +130,7 @@ class QuantizeAuto(Pass):
     exact = False
     idempotent = True
     recurse_subgraphs = False  # walks the subgraphs itself for the dynamic case
-    supported_ops = ("Conv", "MatMul", "Gemm")
+    supported_ops = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     options = {**STATIC_OPTIONS, **guard.GUARD_OPTIONS}
 
     def validate_options(self) -> None:

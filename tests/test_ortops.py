@@ -19,16 +19,17 @@ needs_lib = pytest.mark.skipif(
     LIB is None, reason="libonnxopt_ops is not built (no onnxruntime headers at build time) or disabled")
 
 
-def plain_session(model, threads=1):
+def plain_session(model, threads=1, spinning=False):
     so = ort.SessionOptions()
-    so.register_custom_ops_library(LIB)
     so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # before the library: it reads the setting at registration (no spinning: bigger parallel tasks)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.register_custom_ops_library(LIB)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run(model, x, threads=1):
-    return plain_session(model, threads).run(None, {"X": x})[0]
+def run(model, x, threads=1, spinning=False):
+    return plain_session(model, threads, spinning).run(None, {"X": x})[0]
 
 
 ACTS = [("none", {}), ("relu", {}), ("clip", {"clip_min": -0.5, "clip_max": 0.75})]
@@ -157,6 +158,25 @@ def test_threads_do_not_change_results():
     cmodel = qconv_model(cw, cs, pads=[1, 1, 1, 1])
     assert np.array_equal(run(model, x, 1), run(model, x, 2))
     assert np.array_equal(run(cmodel, xc, 1), run(cmodel, xc, 2))
+
+
+@needs_lib
+def test_spinning_setting_changes_the_split_not_the_results():
+    """Without spinning only large calls go parallel; with it smaller ones do too: same numbers."""
+    rng = np.random.default_rng(17)
+    for shape, kw in (((64, 64, 3, 3), dict(pads=[1, 1, 1, 1])), ((48, 40, 1, 1), {})):
+        cw, cs = random_weights(rng, shape, True)
+        cmodel = qconv_model(cw, cs, **kw)
+        xc = rng.standard_normal((1, shape[1], 72, 72)).astype(F32)  # 64x64x3x3: 191M MACs
+        ref = run(cmodel, xc, 1)
+        assert np.array_equal(run(cmodel, xc, 2, spinning=False), ref)
+        assert np.array_equal(run(cmodel, xc, 2, spinning=True), ref)
+    w, ws = random_weights(rng, (768, 3072), True)
+    model = qgemm_model(w, ws, x_shape=("m", 768))
+    x = rng.standard_normal((128, 768)).astype(F32)  # 302M MACs: parallel either way
+    ref = run(model, x, 1)
+    assert np.array_equal(run(model, x, 2, spinning=False), ref)
+    assert np.array_equal(run(model, x, 2, spinning=True), ref)
 
 
 # ---- session-creation and run-time errors -------------------------------------------------------

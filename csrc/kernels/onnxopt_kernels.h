@@ -41,6 +41,10 @@ struct Parallel {
   void (*run)(void* ctx, void (*fn)(void* data, std::size_t i), std::size_t total, void* data) = nullptr;
   void* ctx = nullptr;
   int degree = 1;
+  // Waking the threads for a parallel region is cheap (a spinning pool). When false (onnxruntime
+  // with session.intra_op.allow_spinning=0) each region costs a wake-up of tens of microseconds,
+  // and the kernels parallelize only work large enough to pay for it.
+  bool cheap_wake = true;
   void operator()(void (*fn)(void*, std::size_t), std::size_t total, void* data) const;  // serial if run is null
 };
 

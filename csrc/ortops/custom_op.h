@@ -6,7 +6,7 @@
 //   static const IoSpec kInputs[];  static constexpr std::size_t kNumInputs;
 //   static constexpr ONNXTensorElementDataType kOutputType;  (one output; UNDEFINED: the type of the
 //   kernel's one UNDEFINED-typed input, which ORT requires to be unique)
-//   Kernel(const OrtKernelInfo*, int degree);   // validates and packs; throws OpError
+//   Kernel(const OrtKernelInfo*, const PoolConfig&);   // validates and packs; throws OpError
 //   void compute(OrtKernelContext*) const;      // const: concurrent Run() calls share the kernel
 #pragma once
 
@@ -20,7 +20,7 @@ namespace onnxopt::ortops {
 // session's intra-op thread count (read from its options at registration) travels with it.
 struct OpInstance {
   OrtCustomOp op;  // first member: OrtCustomOp* <-> OpInstance*
-  int degree;
+  PoolConfig pool;
 };
 
 template <class Kernel>
@@ -47,8 +47,8 @@ const OrtCustomOp& custom_op_template() {
     o.KernelCompute = nullptr;
     o.CreateKernelV2 = [](const OrtCustomOp* self, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
       *kernel = nullptr;
-      const int degree = reinterpret_cast<const OpInstance*>(self)->degree;
-      return guarded([&] { *kernel = new Kernel(info, degree); });
+      const PoolConfig pool = reinterpret_cast<const OpInstance*>(self)->pool;
+      return guarded([&] { *kernel = new Kernel(info, pool); });
     };
     o.KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) {
       return guarded([&] { static_cast<const Kernel*>(kernel)->compute(ctx); });
@@ -64,8 +64,8 @@ const OrtCustomOp& custom_op_template() {
 
 // A new, never freed, instance (ORT keeps the pointer for as long as sessions use the domain).
 template <class Kernel>
-const OrtCustomOp* make_custom_op(int degree) {
-  auto* inst = new OpInstance{custom_op_template<Kernel>(), degree};
+const OrtCustomOp* make_custom_op(const PoolConfig& pool) {
+  auto* inst = new OpInstance{custom_op_template<Kernel>(), pool};
   return &inst->op;
 }
 

@@ -27,12 +27,12 @@ class QGemmKernel {
   static constexpr std::size_t kNumInputs = 7;
   static constexpr ONNXTensorElementDataType kOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
-  QGemmKernel(const OrtKernelInfo* info, int degree);
+  QGemmKernel(const OrtKernelInfo* info, const PoolConfig& pool);
   void compute(OrtKernelContext* ctx) const;
 
  private:
   std::string where_;
-  int degree_ = 1;
+  PoolConfig pool_;
   int K_ = 0, N_ = 0;
   std::shared_ptr<const PackedWeights> packed_;
   OutputStage act_;  // activation and clip bounds only; scales and bias come per call
@@ -49,7 +49,7 @@ class QConvKernel {
   static constexpr ONNXTensorElementDataType kOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   enum class AutoPad { NotSet, SameUpper, SameLower, Valid };
 
-  QConvKernel(const OrtKernelInfo* info, int degree);
+  QConvKernel(const OrtKernelInfo* info, const PoolConfig& pool);
   void compute(OrtKernelContext* ctx) const;
 
  private:
@@ -58,7 +58,7 @@ class QConvKernel {
   std::shared_ptr<const PackedConv> packed_for(const Pads& pads) const;
 
   std::string where_;
-  int degree_ = 1;
+  PoolConfig pool_;
   ConvParams base_;  // everything but the pads
   AutoPad auto_pad_ = AutoPad::NotSet;
   Pads explicit_pads_{0, 0, 0, 0};

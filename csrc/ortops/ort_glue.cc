@@ -178,12 +178,27 @@ int default_degree() {
 }
 }  // namespace
 
-Parallel parallel_for(const OrtKernelContext* ctx, int degree) {
+Parallel parallel_for(const OrtKernelContext* ctx, const PoolConfig& pool) {
+  const int degree = pool.degree;
   Parallel p;
   p.run = &run_on_ort_pool;
   p.ctx = const_cast<OrtKernelContext*>(ctx);
   p.degree = degree;  // 1: the kernels run serially without touching the pool
+  p.cheap_wake = pool.spinning;
   return p;
+}
+
+PoolConfig pool_for(const OrtSessionOptions* options) {
+  PoolConfig pool;
+  pool.degree = degree_for(options);
+  int has = 0;
+  if (options != nullptr && ok(api().HasSessionConfigEntry(options, "session.intra_op.allow_spinning", &has)) && has) {
+    char buf[16] = {0};
+    std::size_t size = sizeof(buf);
+    if (ok(api().GetSessionConfigEntry(options, "session.intra_op.allow_spinning", buf, &size)))
+      pool.spinning = std::string(buf) != "0";
+  }
+  return pool;
 }
 
 int degree_for(const OrtSessionOptions* options) {

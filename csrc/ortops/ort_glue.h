@@ -85,8 +85,16 @@ std::string shape_str(const std::vector<std::int64_t>& s);
 const OrtValue* input_or_null(OrtKernelContext* ctx, std::size_t i);  // nullptr for absent optionals
 float* output_f32(OrtKernelContext* ctx, std::size_t i, const std::vector<std::int64_t>& shape);
 std::uint8_t* output_u8(OrtKernelContext* ctx, std::size_t i, const std::vector<std::int64_t>& shape);
-// Parallel-for on the session's intra-op pool for this call; degree = its thread count.
-Parallel parallel_for(const OrtKernelContext* ctx, int degree);
+// The session's intra-op pool as the kernels see it: its thread count and whether its threads spin
+// between parallel regions (session.intra_op.allow_spinning, default on). Without spinning every
+// region pays a thread wake-up, so the kernels keep more work per task.
+struct PoolConfig {
+  int degree = 1;
+  bool spinning = true;
+};
+
+// Parallel-for on the session's intra-op pool for this call.
+Parallel parallel_for(const OrtKernelContext* ctx, const PoolConfig& pool);
 
 // Session config entry naming the intra-op thread count (ORT gives kernels no way to ask);
 // onnxopt.runtime sets it from SessionOptions.intra_op_num_threads before registering.
@@ -94,6 +102,7 @@ constexpr const char* kThreadsConfigKey = "onnxopt.intra_op_num_threads";
 // Degree for a registration: the config entry when set and positive, else ONNXOPT_PARALLEL_DEGREE,
 // else the machine's hardware threads.
 int degree_for(const OrtSessionOptions* options);
+PoolConfig pool_for(const OrtSessionOptions* options);
 
 // Fused activation attributes shared by both ops: activation ("none" | "relu" | "clip", or the
 // integers 0 | 1 | 2), clip_min / clip_max (default -inf / +inf).

@@ -34,7 +34,7 @@ int to_int(const NodeInfo& info, std::int64_t v, const char* what, std::int64_t 
 }
 }  // namespace
 
-QConvKernel::QConvKernel(const OrtKernelInfo* kinfo, int degree) : degree_(degree) {
+QConvKernel::QConvKernel(const OrtKernelInfo* kinfo, const PoolConfig& pool) : pool_(pool) {
   NodeInfo info(kinfo, kName);
   where_ = info.where();
   const OrtValue* w = info.constant_input(W);
@@ -193,12 +193,12 @@ void QConvKernel::compute(OrtKernelContext* ctx) const {
   if (u8) {
     std::uint8_t* y = output_u8(ctx, 0, y_shape);
     if (N == 0) return;
-    qconv2d_u8(x.as<std::uint8_t>(), N, H, Wd, *q.scale, *q.zero_point, *packed, stage, y, parallel_for(ctx, degree_));
+    qconv2d_u8(x.as<std::uint8_t>(), N, H, Wd, *q.scale, *q.zero_point, *packed, stage, y, parallel_for(ctx, pool_));
     return;
   }
   float* y = output_f32(ctx, 0, y_shape);
   if (N == 0) return;
-  qconv2d_f32(x.as<float>(), N, H, Wd, q.scale, q.zero_point, *packed, stage, y, parallel_for(ctx, degree_));
+  qconv2d_f32(x.as<float>(), N, H, Wd, q.scale, q.zero_point, *packed, stage, y, parallel_for(ctx, pool_));
 }
 
 }  // namespace onnxopt::ortops

@@ -15,7 +15,7 @@ const IoSpec QGemmKernel::kInputs[] = {
     {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, true},    // w_zero_point
 };
 
-QGemmKernel::QGemmKernel(const OrtKernelInfo* kinfo, int degree) : degree_(degree) {
+QGemmKernel::QGemmKernel(const OrtKernelInfo* kinfo, const PoolConfig& pool) : pool_(pool) {
   NodeInfo info(kinfo, kName);
   where_ = info.where();
   const OrtValue* w = info.constant_input(W);
@@ -77,7 +77,7 @@ void QGemmKernel::compute(OrtKernelContext* ctx) const {
   float* y = output_f32(ctx, 0, y_shape);
   if (M == 0) return;
   qgemm_f32(x.as<float>(), static_cast<int>(M), K_, q.scale, q.zero_point, *packed_, stage, y, N_,
-            parallel_for(ctx, degree_));
+            parallel_for(ctx, pool_));
 }
 
 }  // namespace onnxopt::ortops

@@ -32,9 +32,9 @@ ONNXOPT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
       std::lock_guard<std::mutex> lock(mu);
       domains->push_back(domain);
     }
-    const int degree = degree_for(options);
-    check(api().CustomOpDomain_Add(domain, make_custom_op<QGemmKernel>(degree)));
-    check(api().CustomOpDomain_Add(domain, make_custom_op<QConvKernel>(degree)));
+    const PoolConfig pool = pool_for(options);
+    check(api().CustomOpDomain_Add(domain, make_custom_op<QGemmKernel>(pool)));
+    check(api().CustomOpDomain_Add(domain, make_custom_op<QConvKernel>(pool)));
     check(api().AddCustomOpDomain(options, domain));
   });
 }

@@ -7,6 +7,8 @@ For every model, in one process:
   fp32            the original model in onnxruntime (ORT_ENABLE_ALL)
   oo-int8         onnxopt "int8" preset with its guards (accuracy tolerance + autotune), target onnxopt
   oo-int8-ort     the same, target onnxruntime
+  oo-int8-auto    the same with the preset's default target="auto": both lowerings of the kept sites
+                  timed whole, the faster taken (what `onnxopt.optimize(m, ["int8"], calibration=...)` does)
   oo-static       onnxopt "int8" preset with calibration, target onnxopt (com.onnxopt QConv/QGemm)
   oo-static-ort   the same, target onnxruntime (standard QDQ fused by onnxruntime)
   oo-dynamic      onnxopt "int8" preset without calibration (MatMul/Gemm only), target onnxopt
@@ -46,7 +48,7 @@ from onnxopt import ir, runtime, verify  # noqa: E402
 from onnxopt.bench import time_sessions  # noqa: E402
 
 SEQ = 128
-VARIANTS = ["fp32", "oo-int8", "oo-int8-ort", "oo-static", "oo-static-ort", "oo-dynamic", "ort-dynamic", "ort-static"]
+VARIANTS = ["fp32", "oo-int8", "oo-int8-ort", "oo-int8-auto", "oo-static", "oo-static-ort", "oo-dynamic", "ort-dynamic", "ort-static"]
 UNGUARDED = {"tolerance": None, "autotune": False, "eval_fn": None}
 
 
@@ -104,13 +106,15 @@ def build_variants(path, calib, threads, wanted, tmp):
     reports = {}
 
     def guarded(target):
-        model, reports[f"oo-int8{'-ort' if target == 'onnxruntime' else ''}"] = onnxopt.optimize(
+        suffix = {"onnxruntime": "-ort", "auto": "-auto"}.get(target, "")
+        model, reports[f"oo-int8{suffix}"] = onnxopt.optimize(
             src, int8_preset(threads, target=target), calibration=calib, return_report=True)
         return model
 
     builders = {
         "oo-int8": lambda: guarded("onnxopt"),
         "oo-int8-ort": lambda: guarded("onnxruntime"),
+        "oo-int8-auto": lambda: guarded("auto"),
         "oo-static": lambda: onnxopt.optimize(src, ["default", onnxopt.get_pass(
             "quantize_auto", target="onnxopt", progress=False, **UNGUARDED)], calibration=calib),
         "oo-static-ort": lambda: onnxopt.optimize(src, ["default", onnxopt.get_pass(
@@ -259,7 +263,7 @@ def main():
                 print("    " + rep.format().split("\n\n", 1)[-1].replace("\n", "\n    "))
         sys.stdout.flush()
     print("summary (speed over ORT fp32, >1 is faster): " + " ".join(summary))
-    for k in ("oo-int8", "oo-int8-ort"):
+    for k in ("oo-int8", "oo-int8-ort", "oo-int8-auto"):
         got = [g for g in guarded if g[0] == k]
         if not got:
             continue

@@ -6,7 +6,7 @@ import pytest
 from onnx import helper
 
 import onnxopt
-from onnxopt import verify
+from onnxopt import runtime, verify
 from onnxopt.errors import CalibrationError, PassOptionError
 from onnxopt.passes.quantize import common, guard
 
@@ -399,3 +399,36 @@ def test_conv_slower_alone_is_readmitted_when_the_chain_pays(chained_faster):
         assert any("re-admitted" in t for _, t in report.messages)
     else:
         assert not r["conv1"]["quantized"] and r["conv1"]["reason"].startswith("cost")
+
+
+@pytest.mark.skipif(runtime.custom_ops_library() is None, reason="auto means onnxruntime without the library")
+@pytest.mark.parametrize("ort_faster", [True, False])
+def test_target_auto_takes_the_faster_backend(ort_faster):
+    """target="auto" (the int8 preset's): the kept sites are lowered both ways and timed whole;
+    onnxruntime's QDQ is taken only when faster (and within the tolerance)."""
+    from .test_quantize_chain import calib as chain_calib
+    from .test_quantize_chain import chain_net
+    model = chain_net(4)
+    calls = []
+
+    def timer(models, feeds_):
+        if len(models) == 3:  # fp32, com.onnxopt ops, onnxruntime QDQ
+            calls.append([sorted({n.op_type for n in m.graph.node}) for m in models])
+            return [1.0, 0.5, 0.3] if ort_faster else [1.0, 0.5, 0.6]
+        return [1.0, 0.5]
+
+    q, report = run_auto(model, chain_calib(n=8), timer=timer, target="auto")
+    assert len(calls) == 1
+    fp32_ops, ours_ops, theirs_ops = calls[0]
+    assert "QConv" in ours_ops and "QConv" not in theirs_ops and "DequantizeLinear" in theirs_ops
+    ops = {n.op_type for n in q.graph.node}
+    if ort_faster:
+        assert "QConv" not in ops and "QuantizeLinear" in ops
+        assert any("target auto: onnxruntime QDQ" in t for _, t in report.messages)
+    else:
+        assert "QConv" in ops
+        assert any(t.endswith(": com.onnxopt") for _, t in report.messages)
+    x = np.random.default_rng(3).standard_normal((2, 8, 16, 16)).astype(np.float32)
+    ref = verify.run(model, {"x": x})[0]
+    got = runtime.InferenceSession(q).run(None, {"x": x})[0]
+    assert cosine(ref, got) > 0.99

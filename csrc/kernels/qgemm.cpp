@@ -186,8 +186,8 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
   const int np = B.panels();
   // A task must carry enough work to pay for waking a thread (tens of microseconds on a shared
   // pool): below kMinMacsPerTask per task, use fewer tasks; small GEMMs run on the calling thread.
-  // Without a spinning pool every region also pays a thread wake-up: 8x more work per task.
-  const long long min_macs = par.cheap_wake ? (1LL << 23) : (1LL << 26);
+  // Without a spinning pool every region also pays a thread wake-up: 4x more work per task.
+  const long long min_macs = par.cheap_wake ? (1LL << 23) : (1LL << 25);
   const long long macs = static_cast<long long>(M) * B.K_ * B.N_;
   const long long max_tasks = std::max(1LL, macs / min_macs);
   const int degree = (par.run && par.degree > 1) ? static_cast<int>(std::min<long long>(par.degree, max_tasks)) : 1;

@@ -209,6 +209,9 @@ class Guard:
         self.eval_fn = options["eval_fn"]
         self.accuracy = self.tol is not None or self.eval_fn is not None
         self.timer = options["timer"] or (lambda models, feeds: time_models(models, feeds, int(self.o["threads"])))
+        # target="auto" with the library built and the cost guard on: the final choice between the
+        # com.onnxopt ops and onnxruntime's own QDQ kernels is measured (choose_target).
+        self.auto = options.get("target") == "auto" and target == "onnxopt" and bool(options["autotune"])
         self.rows: Dict[str, dict] = {}
         self._fid_cache: Dict[frozenset, Fidelity] = {}
 
@@ -221,7 +224,8 @@ class Guard:
         r["quantized"], r["reason"] = False, reason
 
     # ---- models
-    def build(self, base: onnx.ModelProto, names, shadow: bool = False, fused: bool = False) -> onnx.ModelProto:
+    def build(self, base: onnx.ModelProto, names, shadow: bool = False, fused: bool = False,
+              target: Optional[str] = None) -> onnx.ModelProto:
         """`base` with the sites rooted at the nodes `names` quantized (shadow: quantized copies next to
         the float sites, with both results and each site's input as extra outputs; fused: followed by
         the exact rewrites the int8 preset runs after lowering — residual Adds into QConv, uint8 chains —
@@ -244,8 +248,11 @@ class Guard:
                             g.outputs.append(t)
                             have.add(t.name)
             else:
-                self.lower(g, self.ctx, sites, self.ranges, self.target, prefix="qg")
-                if fused and self.target == "onnxopt":
+                target = target or self.target
+                if target == "onnxruntime":  # it fuses a Conv only with its output quantized too
+                    sites = [s for s in sites if not (s.kind == "conv" and s.out.name not in self.ranges)]
+                self.lower(g, self.ctx, sites, self.ranges, target, prefix="qg")
+                if fused and target == "onnxopt":
                     from .chain import ChainQConvU8
                     from .residual import FuseQConvResidual
                     for p in (FuseQConvResidual(), ChainQConvU8()):
@@ -295,7 +302,8 @@ class Guard:
         self.fit, self.check = split_feeds(feeds, float(self.o["holdout"]))
         specs = verify.input_specs(ctx.model)
         self.check = [calibrate.validate_feed(f, specs, len(self.fit) + i) for i, f in enumerate(self.check)]
-        self.ranges = self.static.calibrate(graph, ctx, sites, self.target, self.fit)
+        # (auto: the ranges both targets need, conv outputs included)
+        self.ranges = self.static.calibrate(graph, ctx, sites, "onnxruntime" if self.auto else self.target, self.fit)
         sites = [s for s in sites if s.x.name in self.ranges and not (
             self.target == "onnxruntime" and s.kind == "conv" and s.out.name not in self.ranges)]
         self.sites = {s.node.name: s for s in sites}
@@ -318,7 +326,36 @@ class Guard:
         timing = None
         if self.o["autotune"] and kept:
             kept, timing = self.tune_model(kept)
+        if self.auto and kept:
+            timing = self.choose_target(kept, timing)
         return self.finish(kept, timing)
+
+    def choose_target(self, kept: List[str], timing):
+        """target="auto": the same sites lowered both ways, timed as whole models; onnxruntime's QDQ
+        kernels are taken when they are min_speedup faster and the result still meets the accuracy
+        guard (its numerics differ slightly). On MobileNet-style nets onnxruntime's NHWC int8 depthwise
+        path can win; on ResNet-50 and BERT the com.onnxopt ops do."""
+        feed = self.check[0]
+        ours = self.build(self.fp32, set(kept), fused=True)
+        theirs = self.build(self.fp32, set(kept), target="onnxruntime")
+        tf, ta, tb = (float(t) for t in self.timer([self.fp32, ours, theirs], [feed, feed, feed]))
+        margin = float(self.o["min_speedup"])
+        if tb <= 0 or ta / tb < margin:
+            self.ctx.note(f"guard: target auto: com.onnxopt ops {ta:.3f} ms, onnxruntime QDQ {tb:.3f} ms: "
+                          f"com.onnxopt")
+            return (tf, ta)
+        if self.accuracy:
+            fid = fidelity(self.ref, self.run_model(theirs))
+            if self.eval_fn is not None:
+                fid.score = float(self.eval_fn(theirs))
+            if not self.meets(fid):
+                self.ctx.note(f"guard: target auto: onnxruntime QDQ faster ({tb:.3f} vs {ta:.3f} ms) but outside "
+                              f"the tolerance ({fid.text()}): com.onnxopt")
+                return (tf, ta)
+        self.ctx.note(f"guard: target auto: onnxruntime QDQ {tb:.3f} ms vs com.onnxopt ops {ta:.3f} ms: onnxruntime")
+        self.target = "onnxruntime"
+        self._fid_cache.clear()  # fidelity of the kept set is re-measured for the new target
+        return (tf, tb)
 
     def measure_sites(self) -> None:
         """Per-site SQNR (each quantized alone, on float inputs) and each site's held-out input."""

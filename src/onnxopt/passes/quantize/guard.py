@@ -335,6 +335,9 @@ class Guard:
         kernels are taken when they are min_speedup faster and the result still meets the accuracy
         guard (its numerics differ slightly). On MobileNet-style nets onnxruntime's NHWC int8 depthwise
         path can win; on ResNet-50 and BERT the com.onnxopt ops do."""
+        if any(self.sites[n].node.op == "ConvTranspose" for n in kept):
+            self.ctx.note("guard: target auto: com.onnxopt (ConvTranspose sites have no onnxruntime lowering)")
+            return timing
         feed = self.check[0]
         ours = self.build(self.fp32, set(kept), fused=True)
         theirs = self.build(self.fp32, set(kept), target="onnxruntime")

@@ -344,37 +344,47 @@ PackedC pack_conv_weights(const CArr<std::int8_t>& w, int C, int group, std::vec
   return PackedC{onnxopt::pack_conv_weights(w.data(), p, i), C / group};
 }
 
+// Argument checks and the output stage shared by the float and the uint8 entry points.
+struct ConvCall {
+  int N, H, W, OH, OW;
+  onnxopt::OutputStage st;
+};
+
+template <class T>
+ConvCall conv_call(const CArr<T>& x, const PackedC& pc, const CArr<float>& w_scale,
+                   const std::optional<CArr<float>>& bias, const std::string& activation, float clip_lo,
+                   float clip_hi, int x_zp, const std::optional<CArr<float>>& residual) {
+  const onnxopt::ConvParams& p = pc.w->params();
+  if (x.ndim() != 4 || x.shape(1) != p.C) throw std::invalid_argument("onnxopt: qconv2d expects x[N, C, H, W] with C matching the weights");
+  ConvCall c;
+  c.N = static_cast<int>(x.shape(0)), c.H = static_cast<int>(x.shape(2)), c.W = static_cast<int>(x.shape(3));
+  c.OH = onnxopt::conv_out_dim(c.H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
+  c.OW = onnxopt::conv_out_dim(c.W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
+  if (c.OH <= 0 || c.OW <= 0) throw std::invalid_argument("onnxopt: qconv2d: input smaller than the kernel");
+  c.st = make_stage(w_scale, bias, p.M, activation, clip_lo, clip_hi);
+  if (x_zp < 0 || x_zp > 255) throw std::invalid_argument("onnxopt: x_zp must be in [0, 255]");
+  if (residual) {
+    if (residual->ndim() != 4 || residual->shape(0) != c.N || residual->shape(1) != p.M ||
+        residual->shape(2) != c.OH || residual->shape(3) != c.OW)
+      throw std::invalid_argument("onnxopt: qconv2d: residual must have the output's shape [N, M, OH, OW]");
+    c.st.residual = residual->data();
+  }
+  return c;
+}
+
 py::array qconv2d_f32(const CArr<float>& x, const PackedC& pc, const CArr<float>& w_scale,
                       const std::optional<CArr<float>>& bias, const std::string& activation, float clip_lo,
                       float clip_hi, std::optional<float> x_scale, int x_zp, std::optional<int> threads,
                       const std::optional<CArr<float>>& residual) {
-  const onnxopt::ConvParams& p = pc.w->params();
-  if (x.ndim() != 4 || x.shape(1) != p.C) throw std::invalid_argument("onnxopt: qconv2d expects x[N, C, H, W] with C matching the weights");
-  const int N = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(2)), W = static_cast<int>(x.shape(3));
-  const int OH = onnxopt::conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
-  const int OW = onnxopt::conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
-  if (OH <= 0 || OW <= 0) throw std::invalid_argument("onnxopt: qconv2d: input smaller than the kernel");
-  onnxopt::OutputStage st = make_stage(w_scale, bias, p.M, activation, clip_lo, clip_hi);
-  if (x_zp < 0 || x_zp > 255) throw std::invalid_argument("onnxopt: x_zp must be in [0, 255]");
-  if (residual) {
-    if (residual->ndim() != 4 || residual->shape(0) != N || residual->shape(1) != p.M || residual->shape(2) != OH ||
-        residual->shape(3) != OW)
-      throw std::invalid_argument("onnxopt: qconv2d: residual must have the output's shape [N, M, OH, OW]");
-    st.residual = residual->data();
-  }
-  if (residual) {
-    if (residual->ndim() != 4 || residual->shape(0) != N || residual->shape(1) != p.M || residual->shape(2) != OH ||
-        residual->shape(3) != OW)
-      throw std::invalid_argument("onnxopt: qconv2d: residual must have the output's shape [N, M, OH, OW]");
-    st.residual = residual->data();
-  }
+  ConvCall c = conv_call(x, pc, w_scale, bias, activation, clip_lo, clip_hi, x_zp, residual);
   const float xs = x_scale.value_or(1.f);
   const std::uint8_t xz = static_cast<std::uint8_t>(x_zp);
   ParallelHolder ph(resolve_threads(threads));
-  py::array_t<float> out({N, p.M, OH, OW});
+  py::array_t<float> out({c.N, pc.w->params().M, c.OH, c.OW});
   float* o = out.mutable_data();
   py::gil_scoped_release nogil;
-  onnxopt::qconv2d_f32(x.data(), N, H, W, x_scale ? &xs : nullptr, x_scale ? &xz : nullptr, *pc.w, st, o, ph.par);
+  onnxopt::qconv2d_f32(x.data(), c.N, c.H, c.W, x_scale ? &xs : nullptr, x_scale ? &xz : nullptr, *pc.w, c.st, o,
+                       ph.par);
   return std::move(out);
 }
 
@@ -382,28 +392,16 @@ py::array qconv2d_u8(const CArr<std::uint8_t>& x, const PackedC& pc, const CArr<
                      const std::optional<CArr<float>>& bias, const std::string& activation, float clip_lo,
                      float clip_hi, float x_scale, int x_zp, float y_scale, int y_zp, std::optional<int> threads,
                      const std::optional<CArr<float>>& residual) {
-  const onnxopt::ConvParams& p = pc.w->params();
-  if (x.ndim() != 4 || x.shape(1) != p.C) throw std::invalid_argument("onnxopt: qconv2d expects x[N, C, H, W] with C matching the weights");
-  const int N = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(2)), W = static_cast<int>(x.shape(3));
-  const int OH = onnxopt::conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
-  const int OW = onnxopt::conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
-  if (OH <= 0 || OW <= 0) throw std::invalid_argument("onnxopt: qconv2d: input smaller than the kernel");
-  onnxopt::OutputStage st = make_stage(w_scale, bias, p.M, activation, clip_lo, clip_hi);
-  if (x_zp < 0 || x_zp > 255 || y_zp < 0 || y_zp > 255) throw std::invalid_argument("onnxopt: x_zp and y_zp must be in [0, 255]");
-  if (residual) {
-    if (residual->ndim() != 4 || residual->shape(0) != N || residual->shape(1) != p.M || residual->shape(2) != OH ||
-        residual->shape(3) != OW)
-      throw std::invalid_argument("onnxopt: qconv2d: residual must have the output's shape [N, M, OH, OW]");
-    st.residual = residual->data();
-  }
-  st.requant = true;
-  st.out_scale = y_scale;
-  st.out_zp = static_cast<std::uint8_t>(y_zp);
+  ConvCall c = conv_call(x, pc, w_scale, bias, activation, clip_lo, clip_hi, x_zp, residual);
+  if (y_zp < 0 || y_zp > 255) throw std::invalid_argument("onnxopt: y_zp must be in [0, 255]");
+  c.st.requant = true;
+  c.st.out_scale = y_scale;
+  c.st.out_zp = static_cast<std::uint8_t>(y_zp);
   ParallelHolder ph(resolve_threads(threads));
-  py::array_t<std::uint8_t> out({N, p.M, OH, OW});
+  py::array_t<std::uint8_t> out({c.N, pc.w->params().M, c.OH, c.OW});
   std::uint8_t* o = out.mutable_data();
   py::gil_scoped_release nogil;
-  onnxopt::qconv2d_u8(x.data(), N, H, W, x_scale, static_cast<std::uint8_t>(x_zp), *pc.w, st, o, ph.par);
+  onnxopt::qconv2d_u8(x.data(), c.N, c.H, c.W, x_scale, static_cast<std::uint8_t>(x_zp), *pc.w, c.st, o, ph.par);
   return std::move(out);
 }
 

@@ -160,3 +160,18 @@ def test_uint8_qconv_op_matches_kernels_and_checks_inputs():
     f = _u8_conv_model(with_y_scale=True, x_type=TensorProto.FLOAT)
     with pytest.raises(Exception, match="y_scale"):
         runtime.InferenceSession(f.SerializeToString()).run(None, {"X": x.astype(F32)})
+
+
+def test_chain_with_omitted_zero_points_is_exact_and_valid():
+    q = quantized(chain_net(4))
+    convs = [n for n in q.graph.node if n.op_type == "QConv"]
+    for n in convs:  # x_zero_point omitted: 0 by the op's contract
+        zp = next(t for t in q.graph.initializer if t.name == n.input[5])
+        zp.CopyFrom(onnx.numpy_helper.from_array(np.zeros((), np.uint8), zp.name))
+        del n.input[5:]
+    chained = onnxopt.optimize(q, ["chain_qconv_u8"])
+    onnx.checker.check_model(chained, full_check=True)
+    names = [t.name for t in chained.graph.initializer]
+    assert len(names) == len(set(names))
+    x = np.random.default_rng(9).standard_normal((1, 8, 16, 16)).astype(F32)
+    assert same_bits(run(q, x)[0], run(chained, x)[0])

@@ -51,8 +51,18 @@ def _static(node: gs.Node) -> bool:
 
 
 def _zero_point(node: gs.Node) -> gs.Constant:
+    """The node's x_zero_point; an absent one (0) is made explicit on the node, so that the
+    QuantizeLinear/DequantizeLinear and the producer's y_zero_point share one constant."""
     z = _const(node, _X_ZP)
-    return z if z is not None else gs.Constant(f"{node.name}_x_zero_point_u8", np.zeros((), np.uint8))
+    if z is None:
+        z = gs.Constant(f"{node.name}_x_zero_point_u8", np.zeros((), np.uint8))
+        while len(node.inputs) < _X_ZP:
+            node.inputs.append(gs.Variable.empty())
+        if len(node.inputs) == _X_ZP:
+            node.inputs.append(z)
+        else:
+            node.inputs[_X_ZP] = z
+    return z
 
 
 def _set_output_quant(a: gs.Node, b: gs.Node) -> None:

@@ -102,7 +102,7 @@ struct IsaOps {
   // conv_qt; X must hold every pixel those tiles read).
   void (*conv_direct)(const DirectConv& d, int oc0, int oc1, int q0, int q1) = nullptr;
   int conv_mt = 1, conv_qt = 1, conv_cg_align = 1;
-  // Requantize n floats: q = clamp(nearbyint(y / scale) + zpf, 0, 255) (null: a portable loop).
+  // Requantize n floats: q = clamp(nearbyint(y / scale) + zpf, 0, 255). Set on every ISA.
   void (*requant)(const float* y, std::size_t n, float scale, float zpf, std::uint8_t* q) = nullptr;
   // Quantize H rows of W contiguous floats into rows of dst (row stride ldd), one setup for all rows
   // (null: quant per row).

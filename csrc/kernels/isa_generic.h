@@ -34,6 +34,11 @@ static inline std::uint8_t requantize(float y, float out_scale, float out_zp) {
   return static_cast<std::uint8_t>(static_cast<int>(t));
 }
 
+// Requantize n floats, the contract's rounding (the portable `requant` of IsaOps).
+static void requant_generic(const float* y, std::size_t n, float scale, float zpf, std::uint8_t* q) {
+  for (std::size_t i = 0; i < n; ++i) q[i] = requantize(y[i], scale, zpf);
+}
+
 static inline void store_element(float y, std::ptrdiff_t off, const onnxopt::detail::Epilogue& ep) {
   if (ep.requant)
     ep.cu[off] = requantize(y, ep.out_scale, ep.out_zp);

@@ -107,8 +107,12 @@ void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* 
 }  // namespace avx2_isa
 
 const IsaOps& ops_avx2() {
-  static const IsaOps ops{Isa::Avx2, avx2_isa::kMR, avx2_isa::kNR, avx2_isa::kNB, avx2_isa::kKR, 2,
-                          avx2_isa::tile, avx2_isa::minmax, avx2_isa::quant, avx2_isa::depthwise_generic};
+  static const IsaOps ops = [] {
+    IsaOps o{Isa::Avx2, avx2_isa::kMR, avx2_isa::kNR, avx2_isa::kNB, avx2_isa::kKR, 2,
+             avx2_isa::tile, avx2_isa::minmax, avx2_isa::quant, avx2_isa::depthwise_generic};
+    o.requant = avx2_isa::requant_generic;
+    return o;
+  }();
   return ops;
 }
 

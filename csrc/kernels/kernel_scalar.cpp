@@ -37,9 +37,13 @@ void tile(const Tile& t, const Epilogue& ep) {
 }  // namespace scalar_isa
 
 const IsaOps& ops_scalar() {
-  static const IsaOps ops{Isa::Scalar, scalar_isa::kMR, scalar_isa::kNR, scalar_isa::kNB, scalar_isa::kKR, 1,
-                          scalar_isa::tile, scalar_isa::minmax_generic, scalar_isa::quant_generic,
-                          scalar_isa::depthwise_generic};
+  static const IsaOps ops = [] {
+    IsaOps o{Isa::Scalar, scalar_isa::kMR, scalar_isa::kNR, scalar_isa::kNB, scalar_isa::kKR, 1,
+             scalar_isa::tile, scalar_isa::minmax_generic, scalar_isa::quant_generic,
+             scalar_isa::depthwise_generic};
+    o.requant = scalar_isa::requant_generic;
+    return o;
+  }();
   return ops;
 }
 

@@ -67,19 +67,6 @@ struct ConvCtx {
   float out_scale, out_zp;
 };
 
-void requant_plane(const IsaOps& o, const float* y, std::size_t n, float s, float zpf, std::uint8_t* q) {
-  if (o.requant) {
-    o.requant(y, n, s, zpf, q);
-    return;
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    float t = std::nearbyint(y[i] / s) + zpf;
-    t = t > 0.f ? t : 0.f;
-    t = t < 255.f ? t : 255.f;
-    q[i] = static_cast<std::uint8_t>(static_cast<int>(t));
-  }
-}
-
 // 4 u8 channel rows (null: the zero point) -> n interleaved 4-byte pixels, SSE2 unpacks.
 void interleave4_u8(const std::uint8_t* const* x, int n, std::uint8_t z, std::uint8_t* dst) {
   std::vector<std::uint8_t> zrow;
@@ -135,7 +122,7 @@ void finish_task(void* data, std::size_t i) {
   const ConvCtx& c = *static_cast<const ConvCtx*>(data);
   const std::size_t plane = static_cast<std::size_t>(c.OH) * c.OW;
   if (c.R) residual_act(c.Y + i * plane, c.R + i * plane, plane, c.act, c.lo, c.hi);
-  if (c.Yu) requant_plane(*c.w->ops, c.Y + i * plane, plane, c.out_scale, c.out_zp, c.Yu + i * plane);
+  if (c.Yu) c.w->ops->requant(c.Y + i * plane, plane, c.out_scale, c.out_zp, c.Yu + i * plane);
 }
 
 void fill_1x1(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale) {
@@ -285,7 +272,7 @@ void depthwise_task(void* data, std::size_t t) {
                           p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW, c.w->dw_sum[oc],
                           static_cast<std::int32_t>(c.zpf), c.scale, oc, c.ep, y, scratch.data());
       if (c.R) residual_act(y, c.R + oc * oplane, oplane, c.act, c.lo, c.hi);
-      if (c.Yu) requant_plane(*c.w->ops, y, oplane, c.out_scale, c.out_zp, c.Yu + oc * oplane);
+      if (c.Yu) c.w->ops->requant(y, oplane, c.out_scale, c.out_zp, c.Yu + oc * oplane);
     }
   }
 }

@@ -16,7 +16,6 @@
 #include <emmintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -250,27 +249,26 @@ void depthwise_task(void* data, std::size_t t) {
   const std::uint8_t* xp = plane.get();
   std::vector<std::int32_t> scratch(static_cast<std::size_t>(c.OW) + 64);
   const std::size_t oplane = static_cast<std::size_t>(c.OH) * c.OW;
-  AlignedBuf<float> yf;  // u8 output: the float plane, requantized once complete
-  if (c.Yu) yf = aligned_alloc_n<float>(oplane);
+  AlignedBuf<float> yf;  // u8 output without a u8 kernel: the float plane, requantized once complete
+  Epilogue ep_u8 = c.ep;   // u8 output: the same stage requantized with the output's parameters
+  ep_u8.out_scale = c.out_scale;
+  ep_u8.out_zp = c.out_zp;
+  const bool u8_kernel = c.Yu && !c.R && c.w->ops->depthwise_u8;
   const std::size_t begin = t * job.per_task, end = std::min<std::size_t>(p.C, begin + job.per_task);
   for (std::size_t i = begin; i < end; ++i) {
     const std::size_t ci = static_cast<std::size_t>(p.C) - 1 - i;
     pad_quant_plane(c, ci, plane.get());
     for (int j = 0; j < Mg; ++j) {
       const int oc = static_cast<int>(ci) * Mg + j;
-      if (c.Yu && !c.R && c.w->ops->depthwise_u8) {
-        Epilogue ep = c.ep;
-        ep.out_scale = c.out_scale;
-        ep.out_zp = c.out_zp;
-        if (c.w->ops->depthwise_u8(xp, c.Wp, c.w->dw_w.data() + static_cast<std::size_t>(oc) * p.kH * p.kW, p.kH,
-                                   p.kW, p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW, c.w->dw_sum[oc],
-                                   static_cast<std::int32_t>(c.zpf), c.scale, oc, ep, c.Yu + oc * oplane))
-          continue;
-      }
+      const std::int8_t* w = c.w->dw_w.data() + static_cast<std::size_t>(oc) * p.kH * p.kW;
+      if (u8_kernel && c.w->ops->depthwise_u8(xp, c.Wp, w, p.kH, p.kW, p.stride_h, p.stride_w, p.dil_h, p.dil_w,
+                                              c.OH, c.OW, c.w->dw_sum[oc], static_cast<std::int32_t>(c.zpf),
+                                              c.scale, oc, ep_u8, c.Yu + oc * oplane))
+        continue;
+      if (c.Yu && !yf) yf = aligned_alloc_n<float>(oplane);
       float* y = c.Yu ? yf.get() : c.Y + oc * oplane;
-      c.w->ops->depthwise(xp, c.Wp, c.w->dw_w.data() + static_cast<std::size_t>(oc) * p.kH * p.kW, p.kH, p.kW,
-                          p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW, c.w->dw_sum[oc],
-                          static_cast<std::int32_t>(c.zpf), c.scale, oc, c.ep, y, scratch.data());
+      c.w->ops->depthwise(xp, c.Wp, w, p.kH, p.kW, p.stride_h, p.stride_w, p.dil_h, p.dil_w, c.OH, c.OW,
+                          c.w->dw_sum[oc], static_cast<std::int32_t>(c.zpf), c.scale, oc, c.ep, y, scratch.data());
       if (c.R) residual_act(y, c.R + oc * oplane, oplane, c.act, c.lo, c.hi);
       if (c.Yu) c.w->ops->requant(y, oplane, c.out_scale, c.out_zp, c.Yu + oc * oplane);
     }

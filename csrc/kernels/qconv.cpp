@@ -440,10 +440,13 @@ void direct_task(void* data, std::size_t i) {
   if (o.task_end) o.task_end();
 }
 
-// Elements of an input image below which quantizing/packing or scanning it runs on the calling
-// thread even with a pool: measured on ResNet-50's last 1x1 conv (2048 x 7 x 7) through
-// onnxruntime's pool without spinning, 2 threads ran slower than 1 with every step parallel.
-constexpr std::size_t kParallelPackMin = std::size_t{1} << 20;
+// Whether a pass over n input elements (min/max scan, quantize-and-pack) is worth its own parallel
+// region: with a spinning pool from 64K elements; without spinning each region pays a thread
+// wake-up, so from 1M (measured on ResNet-50's last 1x1 conv, 2048 x 7 x 7, through onnxruntime's
+// pool without spinning: 2 threads ran slower than 1 with every step parallel).
+bool worth_a_region(const Parallel& par, std::size_t n) {
+  return par.run && par.degree > 1 && n >= (par.cheap_wake ? std::size_t{1} << 16 : std::size_t{1} << 20);
+}
 
 // Per-image min/max, split into chunks when threads are available (min/max is exact in any order).
 struct MinMaxCtx {
@@ -464,12 +467,11 @@ void minmax_task(void* data, std::size_t i) {
 }
 
 void image_minmax(const IsaOps& o, const float* x, std::size_t n, const Parallel& par, float* lo, float* hi) {
-  const int degree = (par.run && par.degree > 1) ? par.degree : 1;
-  if (degree == 1 || n < kParallelPackMin) {  // a region's wake-up costs more than a small scan
+  if (!worth_a_region(par, n)) {
     o.minmax(x, n, lo, hi);
     return;
   }
-  const std::size_t chunks = static_cast<std::size_t>(2 * degree);
+  const std::size_t chunks = static_cast<std::size_t>(2 * par.degree);
   std::vector<float> l(chunks), h(chunks);
   MinMaxCtx m{&o, x, n, (n + chunks - 1) / chunks, l.data(), h.data()};
   par(minmax_task, chunks, &m);
@@ -663,10 +665,7 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
     c.hi = stage.clip_hi;
     if (w->direct) {
       PackCtx pk{&c, xp.get(), L};
-      // Each parallel region wakes the pool's threads; without spinning (the setting for shared
-      // pools) that costs tens of microseconds, more than packing a small image. Pack on the
-      // calling thread unless the image is large.
-      const Parallel& pack_par = in_img >= kParallelPackMin ? par : Parallel{};
+      const Parallel& pack_par = worth_a_region(par, in_img) ? par : Parallel{};
       pack_par(w->s2d ? s2d_pack_task : subsample ? direct_pack_strided_task : direct_pack_task,
                static_cast<std::size_t>(p.group) * w->CGp, &pk);
       const IsaOps& o = *w->ops;

@@ -268,12 +268,16 @@ class Guard:
         key = frozenset(names)
         hit = self._fid_cache.get(key)
         if hit is None:
-            model = self.build(self.fp32, key) if key else self.fp32
-            hit = fidelity(self.ref, self.run_model(model))
-            if self.eval_fn is not None:
-                hit.score = float(self.eval_fn(model))
+            hit = self.judge(self.build(self.fp32, key) if key else self.fp32)
             self._fid_cache[key] = hit
         return hit
+
+    def judge(self, model: onnx.ModelProto) -> Fidelity:
+        """Fidelity of `model` against fp32 on the held-out feeds (and its eval_fn score)."""
+        fid = fidelity(self.ref, self.run_model(model))
+        if self.eval_fn is not None:
+            fid.score = float(self.eval_fn(model))
+        return fid
 
     def meets(self, fid: Fidelity) -> bool:
         if self.eval_fn is not None:
@@ -353,9 +357,7 @@ class Guard:
                           f"com.onnxopt")
             return kept, (tf, ta)
         if self.accuracy:
-            fid = fidelity(self.ref, self.run_model(theirs))
-            if self.eval_fn is not None:
-                fid.score = float(self.eval_fn(theirs))
+            fid = self.judge(theirs)
             if not self.meets(fid):
                 self.ctx.note(f"guard: target auto: onnxruntime QDQ faster ({tb:.3f} vs {ta:.3f} ms) but outside "
                               f"the tolerance ({fid.text()}): com.onnxopt")

@@ -344,8 +344,7 @@ class Guard:
             return kept, timing
         # The QDQ candidate also takes the convs the cost step timed alone for our ops: onnxruntime
         # runs QDQ chains as NHWC int8 regions, where a conv pays that did not pay alone.
-        extra = [n for n in self.sites if n not in kept and self.rows[n]["reason"].startswith("cost")
-                 and self.sites[n].kind == "conv" and self.sites[n].node.op == "Conv"]
+        extra = [n for n in self.cost_rejected_convs(kept) if self.sites[n].node.op == "Conv"]
         qdq_set = list(kept) + extra
         feed = self.check[0]
         ours = self.build(self.fp32, set(kept), fused=True)
@@ -542,12 +541,16 @@ class Guard:
                           f"({'; '.join(returned)}){again}")
         return [n for n in kept if n not in back]
 
+    def cost_rejected_convs(self, kept: List[str]) -> List[str]:
+        """Conv sites the cost step sent back to float (slower alone)."""
+        return [n for n in self.sites if n not in kept and self.rows[n]["reason"].startswith("cost")
+                and self.sites[n].kind == "conv"]
+
     def readmit_chained(self, kept: List[str]) -> List[str]:
         """Sites slower alone can pay inside a chain of uint8 convs (no float tensor in or out): time
         the whole model (with the preset's post-lowering rewrites) with and without the sites the cost
         step returned to float, and take them back when that is at least `min_speedup` faster."""
-        rejected = [n for n in self.sites if n not in kept and self.rows[n]["reason"].startswith("cost")
-                    and self.sites[n].kind == "conv"]  # only QConv chains (QGemm has no uint8 mode)
+        rejected = self.cost_rejected_convs(kept)  # only QConv chains (QGemm has no uint8 mode)
         if not rejected or not kept:
             return kept
         feed = self.check[0]

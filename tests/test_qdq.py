@@ -232,8 +232,7 @@ INT8_WITH_IMPORT = ["default", "import_qdq", "quantize_auto"]
 @needs_ops
 @pytest.mark.parametrize("pipeline", ["explicit", "int8"])
 def test_int8_pipeline_takes_the_import_path(pipeline):
-    if pipeline == "int8" and onnxopt.list_presets()["int8"][:3] != INT8_WITH_IMPORT:
-        pytest.skip("the int8 preset does not list import_qdq yet (tests/test_quantize.py pins the old preset)")
+    assert onnxopt.list_presets()["int8"][:3] == INT8_WITH_IMPORT  # the preset's quantization front
     model, q, ws = conv_qdq_model(chain="bn")
     out, report = onnxopt.optimize(model, passes=INT8_WITH_IMPORT if pipeline == "explicit" else ["int8"],
                                    return_report=True)

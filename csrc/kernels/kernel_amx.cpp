@@ -76,6 +76,10 @@ static void kernel(const Tile& t, const Epilogue& ep) {
   if (NB == 2) _tile_stored(1, &acc[0][16], 128);
   if (MT == 2) _tile_stored(2, &acc[16][0], 128);
   if (MT == 2 && NB == 2) _tile_stored(3, &acc[16][16], 128);
+  if (fast_transposed(ep) && !ep.wzp) {
+    transposed_tile(&acc[0][0], 32, t, ep);
+    return;
+  }
   alignas(64) float ybuf[32 * kYLd];
   for (int j = 0; j < NB; ++j) {
     const int n = t.n + j * 16;

@@ -37,6 +37,11 @@ class PackedConvImpl final : public PackedConv {
   std::vector<std::int32_t> dw_sum;              // depthwise and direct: [M]
   // Direct path: per group [Mp][Kd] weights, back to back.
   bool direct = false;
+  // Interleaved im2col (group 1, at most 4 input channels, e.g. an RGB stem): the image is
+  // quantized into [Hp][Wp][4] pixels (channels past C hold the zero point, their weights are
+  // zero) and the GEMM's K runs (kh, kw, c4), so an im2col row is kH copies of kW * 4 contiguous
+  // bytes instead of C * kH copies of kW bytes.
+  bool il = false;
   int CGp = 0, Kd = 0, Mp = 0;
   AlignedBuf<std::int8_t> d_w;
   // Space-to-depth (stride 2x2, few input channels): the direct kernel runs a stride-1 conv with a
@@ -145,27 +150,74 @@ void fill_1x1(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, std:
   }
 }
 
-// im2col rows for kernels of width KW with unit width-dilation: constant-size copies.
+// im2col rows for kernels of width KW with unit width-dilation: constant-size copies from the
+// Cg * kH source rows of a pixel's window (their offsets computed once per block).
 template <int KW>
 void im2col_rows(const ConvCtx& c, int m0, int mb, std::uint8_t* buf, int ldb) {
   const ConvParams& p = c.w->p;
-  const int Cg = p.C / p.group;
+  const int Cg = p.C / p.group, nseg = Cg * p.kH;
   const std::size_t plane = static_cast<std::size_t>(c.Hp) * c.Wp;
+  std::ptrdiff_t seg_stack[64];
+  std::vector<std::ptrdiff_t> seg_heap(nseg > 64 ? nseg : 0);
+  std::ptrdiff_t* seg = nseg > 64 ? seg_heap.data() : seg_stack;
+  for (int ci = 0; ci < Cg; ++ci)
+    for (int kh = 0; kh < p.kH; ++kh)
+      seg[ci * p.kH + kh] = static_cast<std::ptrdiff_t>(ci * plane) + static_cast<std::ptrdiff_t>(kh) * p.dil_h * c.Wp;
+  const std::uint8_t* const img = c.Xp + static_cast<std::size_t>(c.g * Cg) * plane;
+  // Every segment but a row's last is copied with one wider move whose extra bytes the next copy
+  // overwrites (the source over-read stays in the plane buffer's slack); the last copy is exact,
+  // so nothing past K is written.
+  constexpr int kWide = KW <= 4 ? 4 : 8;
+  int oh = m0 / c.OW, ow = m0 % c.OW;
   for (int r = 0; r < mb; ++r) {
-    const int pix = m0 + r, oh = pix / c.OW, ow = pix % c.OW;
     std::uint8_t* dst = buf + static_cast<std::size_t>(r) * ldb;
-    const std::uint8_t* base = c.Xp + static_cast<std::size_t>(c.g * Cg) * plane +
-                               static_cast<std::size_t>(oh * p.stride_h) * c.Wp + ow * p.stride_w;
-    for (int ci = 0; ci < Cg; ++ci, base += plane) {
-      for (int kh = 0; kh < p.kH; ++kh, dst += KW)
-        std::memcpy(dst, base + static_cast<std::size_t>(kh * p.dil_h) * c.Wp, KW);
+    const std::uint8_t* base = img + static_cast<std::size_t>(oh * p.stride_h) * c.Wp + ow * p.stride_w;
+    if (KW == 1) {
+      for (int j = 0; j < nseg; ++j) dst[j] = base[seg[j]];
+    } else {
+      for (int j = 0; j + 1 < nseg; ++j) std::memcpy(dst + j * KW, base + seg[j], kWide);
+      std::memcpy(dst + (nseg - 1) * KW, base + seg[nseg - 1], KW);
     }
+    if (++ow == c.OW) ow = 0, ++oh;
+  }
+}
+
+// Interleaved im2col rows (PackedConvImpl::il): per kernel row, kW 4-byte pixels from the
+// interleaved image; wide overlapping copies as in im2col_rows.
+template <int KW>
+void im2col_il_rows(const ConvCtx& c, int m0, int mb, std::uint8_t* buf, int ldb) {
+  const ConvParams& p = c.w->p;
+  constexpr int kSeg = KW * 4, kWide = kSeg <= 8 ? 8 : kSeg <= 16 ? 16 : 32;
+  const std::ptrdiff_t row_step = static_cast<std::ptrdiff_t>(p.dil_h) * c.Wp * 4;
+  int oh = m0 / c.OW, ow = m0 % c.OW;
+  for (int r = 0; r < mb; ++r) {
+    std::uint8_t* dst = buf + static_cast<std::size_t>(r) * ldb;
+    const std::uint8_t* src = c.Xp + (static_cast<std::ptrdiff_t>(oh) * p.stride_h * c.Wp + ow * p.stride_w) * 4;
+    for (int kh = 0; kh + 1 < p.kH; ++kh, dst += kSeg, src += row_step) std::memcpy(dst, src, kWide);
+    std::memcpy(dst, src, kSeg);
+    if (++ow == c.OW) ow = 0, ++oh;
   }
 }
 
 void fill_im2col(const void* vctx, int m0, int mb, std::uint8_t* buf, int ldb, std::int32_t* zp, float* scale) {
   const ConvCtx& c = *static_cast<const ConvCtx*>(vctx);
   const ConvParams& p = c.w->p;
+  if (c.w->il) {
+    switch (p.kW) {
+      case 2: im2col_il_rows<2>(c, m0, mb, buf, ldb); break;
+      case 3: im2col_il_rows<3>(c, m0, mb, buf, ldb); break;
+      case 4: im2col_il_rows<4>(c, m0, mb, buf, ldb); break;
+      case 5: im2col_il_rows<5>(c, m0, mb, buf, ldb); break;
+      case 6: im2col_il_rows<6>(c, m0, mb, buf, ldb); break;
+      case 7: im2col_il_rows<7>(c, m0, mb, buf, ldb); break;
+      default: im2col_il_rows<1>(c, m0, mb, buf, ldb); break;  // kW 1 (il needs kW <= 7)
+    }
+    for (int r = 0; r < mb; ++r) {
+      zp[r] = static_cast<std::int32_t>(c.zpf);
+      scale[r] = c.scale;
+    }
+    return;
+  }
   if (p.dil_w == 1 && (p.kW == 1 || p.kW == 3 || p.kW == 5 || p.kW == 7)) {
     switch (p.kW) {
       case 1: im2col_rows<1>(c, m0, mb, buf, ldb); break;
@@ -560,6 +612,17 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
           }
         w->dw_sum[g * Mg + oc] = sum;
       }
+  } else if (p.group == 1 && Cg <= 4 && p.kW <= 7 && p.dil_w == 1 && p.kH * p.kW > 1) {
+    w->il = true;
+    const int Ki = p.kH * p.kW * 4;
+    std::vector<std::int8_t> wi(static_cast<std::size_t>(p.M) * Ki, 0);  // [M][kH][kW][4]
+    for (int oc = 0; oc < p.M; ++oc)
+      for (int c = 0; c < Cg; ++c)
+        for (int kh = 0; kh < p.kH; ++kh)
+          for (int kw = 0; kw < p.kW; ++kw)
+            wi[static_cast<std::size_t>(oc) * Ki + (kh * p.kW + kw) * 4 + c] =
+                W[((static_cast<std::size_t>(oc) * Cg + c) * p.kH + kh) * p.kW + kw];
+    w->groups.push_back(pack_b(wi.data(), Ki, p.M, 1, Ki, isa, nullptr));
   } else {
     for (int g = 0; g < p.group; ++g)
       w->groups.push_back(pack_b(W + static_cast<std::size_t>(g) * Mg * Kg, Kg, Mg, 1, Kg, isa, nullptr));
@@ -627,8 +690,10 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
     L = round_up(std::max(DH * DW, Nqp + tap_off.back()), 16);
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.group) * w->CGp * L * 4);
   } else if (!direct && !w->depthwise) {
-    xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
+    xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(w->il ? 4 : p.C) * Hp * Wp);
   }
+  AlignedBuf<std::uint8_t> xplanes;  // interleaved im2col: the padded planes before interleaving
+  if (w->il) xplanes = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
   // u8 output of the GEMM paths: float staging image, requantized per plane in finish_task
   // (the GEMM epilogue requantizes straight into Yu when there is no residual to add first)
   const bool stage_gemm = Yu && !w->direct && !w->depthwise && stage.residual;
@@ -736,7 +801,18 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
       par(depthwise_task, static_cast<std::size_t>((p.C + job.per_task - 1) / job.per_task), &job);
       continue;
     }
-    if (!direct) par(pad_quant_task, static_cast<std::size_t>(p.C), &c);
+    if (w->il) {
+      for (int ci = 0; ci < p.C; ++ci) pad_quant_plane(c, ci, xplanes.get() + static_cast<std::size_t>(ci) * Hp * Wp);
+      const std::vector<std::uint8_t> zrow(static_cast<std::size_t>(Wp), static_cast<std::uint8_t>(c.zpf));
+      const std::uint8_t* rows[4];
+      for (int y = 0; y < Hp; ++y) {
+        for (int j = 0; j < 4; ++j)
+          rows[j] = j < p.C ? xplanes.get() + (static_cast<std::size_t>(j) * Hp + y) * Wp : zrow.data();
+        interleave4_u8(rows, Wp, 0, xp.get() + static_cast<std::size_t>(y) * Wp * 4);
+      }
+    } else if (!direct) {
+      (worth_a_region(par, in_img) ? par : Parallel{})(pad_quant_task, static_cast<std::size_t>(p.C), &c);
+    }
     for (int g = 0; g < p.group; ++g) {
       ConvCtx cg = c;
       cg.g = g;

@@ -194,7 +194,9 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
   if (degree > 1) {
     // Split rows first (each task packs/quantizes only its own rows); split columns only when
     // there are too few row tiles to keep every thread busy.
-    const int target = static_cast<int>(std::min<long long>(4LL * degree, max_tasks));
+    // With few tasks, a whole number of rounds: 3 equal tasks on 2 threads take 2 task times.
+    int target = static_cast<int>(std::min<long long>(4LL * degree, max_tasks));
+    target = std::max(degree, target / degree * degree);
     // Every row chunk streams all of B, every column chunk quantizes/packs all of its rows. When the
     // packed weights outweigh the float rows (e.g. 128 x 768 x 3072: 2.4 MB against 0.4 MB, and
     // eight row chunks read B from L3 eight times), split the columns only, one chunk per thread.

@@ -324,6 +324,13 @@ CONV_CASES = [
     dict(C=5, M=9, group=1, k=(2, 2), strides=(2, 2), pads=(0, 1, 1, 0), dil=(1, 1), H=9, W=12),
     dict(C=16, M=33, group=1, k=(5, 4), strides=(2, 2), pads=(2, 0, 1, 3), dil=(1, 1), H=13, W=11),
     dict(C=17, M=8, group=1, k=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), dil=(1, 1), H=9, W=9),
+    # im2col from the pixel-interleaved image (<= 4 channels, group 1, kW <= 7; height dilation
+    # and strides allowed): kernel rows of 12 and 24 bytes, a 3-channel 7x7 stem above
+    dict(C=2, M=7, group=1, k=(5, 3), strides=(2, 1), pads=(2, 1, 0, 1), dil=(2, 1), H=15, W=11),
+    dict(C=4, M=18, group=1, k=(2, 6), strides=(1, 3), pads=(0, 2, 1, 3), dil=(1, 1), H=7, W=20),
+    # AMX direct kernel with 17..63 channels per group (one zero-padded 64-channel block)
+    dict(C=24, M=19, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=9, W=10),
+    dict(C=48, M=34, group=2, k=(3, 3), strides=(1, 1), pads=(2, 2, 2, 2), dil=(2, 2), H=8, W=9),
 ]
 
 

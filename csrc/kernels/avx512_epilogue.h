@@ -204,53 +204,81 @@ static inline void transposed_tile(const std::int32_t* acc, int ld, const Tile& 
   }
 }
 
-static inline __m512 direct_act(const DirectConv& d, __m512 y) {
-  if (d.act == Activation::Relu) {
-    y = _mm512_max_ps(y, _mm512_setzero_ps());
-  } else if (d.act == Activation::Clip) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(d.lo));
-    y = _mm512_min_ps(y, _mm512_set1_ps(d.hi));
-  }
-  return y;
+// The direct conv's output stage parameters, copied out of DirectConv into a local of the task:
+// with u8 output every store may alias any object (a char type), so fields read through a
+// reference were re-loaded after each store (the stage cost 3x the tile multiplies of a 1x1 conv).
+struct DirectEpi {
+  int nq, Wp, OW, OH;
+  std::ptrdiff_t oplane;
+  float* Y;
+  std::uint8_t* Yu;
+  const float* R;
+  Activation act;
+  __m512 lo, hi;
+  QuantScale oq;
+  std::uint32_t zp;
+  float a_scale;
+  const std::int32_t* wsum;
+  const float* wscale;
+  const float* bias;
+  explicit DirectEpi(const DirectConv& d)
+      : nq(d.OH * d.Wp), Wp(d.Wp), OW(d.OW), OH(d.OH), oplane(d.oplane), Y(d.Y), Yu(d.Yu), R(d.R), act(d.act),
+        lo(_mm512_set1_ps(d.lo)), hi(_mm512_set1_ps(d.hi)), oq(d.Yu ? d.out_scale : 1.f, d.out_zp),
+        zp(static_cast<std::uint32_t>(d.zp)), a_scale(d.a_scale), wsum(d.wsum), wscale(d.wscale), bias(d.bias) {}
+};
+
+// One output channel's constants: zero-point correction, scale, bias, plane offset.
+struct DirectRow {
+  __m512i corr;
+  __m512 s, b;
+  std::ptrdiff_t base;
+};
+
+static inline DirectRow direct_row(const DirectEpi& e, int oc) {
+  DirectRow r;
+  r.corr = _mm512_set1_epi32(static_cast<std::int32_t>(e.zp * static_cast<std::uint32_t>(e.wsum[oc])));
+  r.s = _mm512_set1_ps(e.a_scale * e.wscale[oc]);
+  r.b = e.bias ? _mm512_set1_ps(e.bias[oc]) : _mm512_setzero_ps();
+  r.base = static_cast<std::ptrdiff_t>(oc) * e.oplane;
+  return r;
 }
 
 // Residual (added to the `mask` lanes read from the same place the result goes), activation, store.
-static inline void direct_store(const DirectConv& d, const QuantScale& oq, std::ptrdiff_t off, __m512 y,
-                                __mmask16 mask) {
-  if (d.R) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, d.R + off));
-  y = direct_act(d, y);
-  if (d.Yu)
-    _mm_mask_storeu_epi8(d.Yu + off, mask, requant16(y, oq));
+static inline void direct_store(const DirectEpi& e, std::ptrdiff_t off, __m512 y, __mmask16 mask) {
+  if (e.R) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, e.R + off));
+  if (e.act == Activation::Relu) {
+    y = _mm512_max_ps(y, _mm512_setzero_ps());
+  } else if (e.act == Activation::Clip) {
+    y = _mm512_max_ps(y, e.lo);
+    y = _mm512_min_ps(y, e.hi);
+  }
+  if (e.Yu)
+    _mm_mask_storeu_epi8(e.Yu + off, mask, requant16(y, e.oq));
   else
-    _mm512_mask_storeu_ps(d.Y + off, mask, y);
+    _mm512_mask_storeu_ps(e.Y + off, mask, y);
 }
 
-// Output stage of the direct conv (DirectConv in internal.h) on 16 pixels q..q+15 of output
-// channel oc < d.Mg, stored straight into the NCHW plane. Pixels past the last output row or in
-// the padded columns (ow >= OW) are dropped. Same arithmetic as zp_correct + the output stage.
-// oq: the u8 output's requantization (d.Yu), built once per task by the caller.
-static inline void direct_finish16(const DirectConv& d, const QuantScale& oq, int oc, int q, __m512i acc) {
-  const int nq = d.OH * d.Wp;
-  if (q >= nq) return;
-  const std::uint32_t corr = static_cast<std::uint32_t>(d.zp) * static_cast<std::uint32_t>(d.wsum[oc]);
-  const __m512i v = _mm512_sub_epi32(acc, _mm512_set1_epi32(static_cast<std::int32_t>(corr)));
-  const float s = d.a_scale * d.wscale[oc];
-  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(s));
-  if (d.bias) y = _mm512_add_ps(y, _mm512_set1_ps(d.bias[oc]));
-  const std::ptrdiff_t base = static_cast<std::ptrdiff_t>(oc) * d.oplane;
-  if (d.Wp == d.OW) {
-    direct_store(d, oq, base + q, y, col_mask(nq - q));
+// Output stage of the direct conv (DirectConv in internal.h) on 16 pixels q..q+15 of one output
+// channel (row), stored straight into the NCHW plane. Pixels past the last output row or in the
+// padded columns (ow >= OW) are dropped. Same arithmetic as zp_correct + the output stage.
+static inline void direct_finish16(const DirectEpi& e, const DirectRow& row, int q, __m512i acc) {
+  if (q >= e.nq) return;
+  const __m512i v = _mm512_sub_epi32(acc, row.corr);
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), row.s);
+  if (e.bias) y = _mm512_add_ps(y, row.b);
+  if (e.Wp == e.OW) {
+    direct_store(e, row.base + q, y, col_mask(e.nq - q));
     return;
   }
-  int oh = q / d.Wp, ow = q - oh * d.Wp, i = 0;
+  int oh = q / e.Wp, ow = q - oh * e.Wp, i = 0;
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  while (i < 16 && oh < d.OH) {
-    if (ow < d.OW) {
-      const int valid = d.OW - ow < 16 - i ? d.OW - ow : 16 - i;
+  while (i < 16 && oh < e.OH) {
+    if (ow < e.OW) {
+      const int valid = e.OW - ow < 16 - i ? e.OW - ow : 16 - i;
       const __m512 yi = i ? _mm512_permutexvar_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(i)), y) : y;
-      direct_store(d, oq, base + static_cast<std::ptrdiff_t>(oh) * d.OW + ow, yi, col_mask(valid));
+      direct_store(e, row.base + static_cast<std::ptrdiff_t>(oh) * e.OW + ow, yi, col_mask(valid));
     }
-    i += d.Wp - ow;
+    i += e.Wp - ow;
     ++oh;
     ow = 0;
   }

@@ -106,7 +106,7 @@ void tile(const Tile& t, const Epilogue& ep) {
 // bytes, row stride Kd), B = packed activations (u8, 16 channel groups x 16 pixels x 4 channels,
 // row stride L * 4), hence tdpbsud (signed x unsigned). 2 x 2 C tiles: 32 channels x 32 pixels.
 void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
-  const QuantScale oq(d.Yu ? d.out_scale : 1.f, d.out_zp);
+  const DirectEpi e(d);
   const int kc = d.CGp / 16;
   const std::ptrdiff_t bstride = d.L * 4;
   alignas(64) std::int32_t acc[32][32];
@@ -141,8 +141,9 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
       _tile_stored(3, &acc[16][16], 128);
       const int rows = d.Mg - oc < 32 ? d.Mg - oc : 32;
       for (int r = 0; r < rows; ++r) {
-        direct_finish16(d, oq, oc + r, q, _mm512_load_si512(&acc[r][0]));
-        direct_finish16(d, oq, oc + r, q + 16, _mm512_load_si512(&acc[r][16]));
+        const DirectRow row = direct_row(e, oc + r);
+        direct_finish16(e, row, q, _mm512_load_si512(&acc[r][0]));
+        direct_finish16(e, row, q + 16, _mm512_load_si512(&acc[r][16]));
       }
     }
   }

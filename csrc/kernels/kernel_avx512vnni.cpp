@@ -180,7 +180,7 @@ void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint
 constexpr int kCMR = 8, kCNB = 3;
 
 void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
-  const QuantScale oq(d.Yu ? d.out_scale : 1.f, d.out_zp);
+  const DirectEpi e(d);
   const std::ptrdiff_t plane = d.L * 4;
   for (int oc = oc0; oc < oc1; oc += kCMR) {
     for (int q = q0; q < q1; q += 16 * kCNB) {
@@ -209,8 +209,10 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
         }
       }
       const int rows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
-      for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < kCNB; ++j) direct_finish16(d, oq, oc + r, q + 16 * j, c[r][j]);
+      for (int r = 0; r < rows; ++r) {
+        const DirectRow row = direct_row(e, oc + r);
+        for (int j = 0; j < kCNB; ++j) direct_finish16(e, row, q + 16 * j, c[r][j]);
+      }
     }
   }
 }

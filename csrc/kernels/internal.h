@@ -120,15 +120,18 @@ bool isa_supported(Isa isa);
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// 64-byte aligned scratch from a per-thread cache of freed blocks (scratch.cpp).
+void* scratch_alloc(std::size_t bytes);
+void scratch_free(void* p);
+
 struct AlignedFree {
-  void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
+  void operator()(void* p) const { scratch_free(p); }
 };
 template <class T>
 using AlignedBuf = std::unique_ptr<T[], AlignedFree>;
 template <class T>
 AlignedBuf<T> aligned_alloc_n(std::size_t n) {
-  void* p = ::operator new(n * sizeof(T) + 64, std::align_val_t(64));  // +64: vector over-read slack
-  return AlignedBuf<T>(static_cast<T*>(p));
+  return AlignedBuf<T>(static_cast<T*>(scratch_alloc(n * sizeof(T) + 64)));  // +64: vector over-read slack
 }
 
 }  // namespace detail

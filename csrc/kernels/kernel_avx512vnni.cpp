@@ -117,7 +117,7 @@ void quant(const float* x, std::size_t n, float scale, float zpf, std::uint8_t* 
   for (; i + 16 <= n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), quant16(_mm512_loadu_ps(x + i), qs));
   if (i < n) {
     const __mmask16 m = col_mask(static_cast<int>(n - i));
-    _mm_mask_storeu_epi8(q + i, m, quant16(_mm512_maskz_loadu_ps(m, x + i), qs));
+    store_u8x16(q + i, m, quant16(_mm512_maskz_loadu_ps(m, x + i), qs));
   }
 }
 
@@ -127,7 +127,7 @@ void requant(const float* y, std::size_t n, float scale, float zpf, std::uint8_t
   for (; i + 16 <= n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), quant16(_mm512_loadu_ps(y + i), qs));
   if (i < n) {
     const __mmask16 m = col_mask(static_cast<int>(n - i));
-    _mm_mask_storeu_epi8(q + i, m, quant16(_mm512_maskz_loadu_ps(m, y + i), qs));
+    store_u8x16(q + i, m, quant16(_mm512_maskz_loadu_ps(m, y + i), qs));
   }
 }
 
@@ -247,7 +247,7 @@ static inline void dw_store(const DwCtx& c, __m512i acc, OutT* o, __mmask16 m) {
     y = _mm512_min_ps(y, c.hi);
   }
   if constexpr (std::is_same_v<OutT, std::uint8_t>)
-    _mm_mask_storeu_epi8(o, m, requant16(y, c.oq));
+    store_u8x16(o, m, requant16(y, c.oq));
   else
     _mm512_mask_storeu_ps(o, m, y);
 }

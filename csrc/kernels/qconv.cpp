@@ -558,9 +558,12 @@ std::shared_ptr<const PackedConv> pack_conv_weights(const std::int8_t* W, const 
   // three quarters of each tile multiply is zero padding and the AVX512-VNNI kernel is faster
   // (8 -> 16 3x3 at 112: 141 us against 243 us on AMX; 16 -> 96 1x1 at 112: 502 against 553 us).
   // From 24 channels on AMX wins or ties despite the padding (32 -> 32 3x3 at 56: 105 against
-  // 144 us; 48 -> 48 3x3 at 28: 54 against 88 us). Exception: ResNet-50's 7x7 stem (C = 3), where
-  // AMX im2col beats space-to-depth on AVX512-VNNI for kernels larger than 3x3.
-  if (isa == Isa::Amx && Cg <= 16 && !(s2d_shape && p.kH * p.kW > 9)) isa = Isa::Avx512Vnni;
+  // 144 us; 48 -> 48 3x3 at 28: 54 against 88 us). Exception: strided stems, where AMX im2col
+  // beats space-to-depth on AVX512-VNNI for kernels larger than 3x3 (ResNet-50's 7x7) and, from
+  // the pixel-interleaved image (<= 4 channels), for 3x3 too (MobileNet's 3 -> 32 s2 at 224, u8
+  // out: 314 -> 290 us).
+  if (isa == Isa::Amx && Cg <= 16 && !(s2d_shape && (p.kH * p.kW > 9 || (Cg <= 4 && p.kW <= 7))))
+    isa = Isa::Avx512Vnni;
   w->ops = &ops_for(isa);
   w->depthwise = Cg == 1;
   if (w->depthwise) {

@@ -435,6 +435,29 @@ def test_qconv2d_u8_in_out_bit_exact(isa, ci):
                               residual=r), got)
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_qconv2d_u8_activation_folded_at_ties(isa):
+    """The AVX-512 output stages fold Relu/Clip into the requantization's clamp; exact also when a
+    clip bound or an output lands exactly on a rounding tie (power-of-two output scale: y / s is
+    exact) and for a Clip whose bounds are crossed (lo > hi gives q(hi) everywhere)."""
+    rng = np.random.default_rng(77)
+    ys = F32(2.0 ** -6)
+    for ci in (0, 3, 6, 9, 13, 19, 25):  # direct, depthwise, 1x1, AMX blocks, im2col paths
+        cs = CONV_CASES[ci]
+        _, w, ws, bias = make_conv_case(rng, cs)
+        ws = np.full_like(ws, F32(2.0 ** -9))  # products on a grid of 2^-9 * 2^-7: many exact ties
+        x = rng.integers(0, 256, (2, cs["C"], cs["H"], cs["W"])).astype(np.uint8)
+        pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"], isa=isa)
+        for act, clip, yz in (("clip", (F32(2.5) * ys, F32(200.5) * ys), 5), ("relu", None, 251),
+                              ("clip", (F32(-3.5) * ys, F32(-0.5) * ys), 9), ("clip", (F32(1.0), F32(0.5)), 0)):
+            xf = (x.astype(F32) - F32(3)) * F32(2.0 ** -7)
+            yf = ref_qconv(xf, w, ws, None, cs["group"], cs["strides"], cs["pads"], cs["dil"], act, clip,
+                           F32(2.0 ** -7), 3)
+            got = K.qconv2d(x, pc, ws, None, act, clip, x_scale=F32(2.0 ** -7), x_zp=3, y_scale=ys, y_zp=yz,
+                            backend="native")
+            assert_bits(got, ref_requant(yf, ys, yz))
+
+
 def test_qconv2d_u8_threads_and_argument_checks():
     rng = np.random.default_rng(13)
     for cs in (dict(C=64, M=96, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=30, W=30),

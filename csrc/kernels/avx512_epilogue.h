@@ -6,22 +6,51 @@ static inline __mmask16 col_mask(int valid) {
 }
 
 // nearbyint(x / s) without a division per element where that is provably the same *after the
-// caller's clamp to [0, 255] with a zero point in [0, 255]* (quant16_i32 is the only caller):
-// q' = x * r with r = fl(1/s) is within 2^-22 |x/s| of x/s, and fl(x/s) within 2^-24 |x/s|, so for
-// |q'| < 256 the two differ by less than 2^-13; when q' is more than 2^-10 away from every
-// half-integer (|q' - nearbyint(q')| < 0.5 - 2^-10), fl(x/s) lies strictly inside the same rounding
-// interval and both round to the same integer. Lanes with |q'| >= 256 (and +-Inf) saturate either
-// way: x/s is then beyond +-255.99, both roundings are beyond +-256 and the clamp gives 255 or 0
-// whatever the zero point. NaN gives NaN both ways (clamped to 0). Only lanes with |q'| < 256 near
-// a half-integer (about 1 in 500 for dynamically quantized data) and scales outside [2^-60, 2^60]
-// take the exact division. (Requantized conv outputs saturate often — a Relu6 layer's range — and
-// dividing those lanes made uint8 depthwise convs 2-3x slower.)
+// caller's clamp into [0, 255] with a zero point in [0, 255]* (quant16_i32 is the only caller):
+// r = fl(1/s) and q' = fl(x * r) put q' within 1.5 * 2^-23 |x/s| of x/s, and fl(x/s) is within
+// 2^-24 |x/s|, so for |x/s| < 2^11 the two differ by less than 2^-11.4. When q' is at least 2^-10
+// away from every half-integer (|q' - nearbyint(q')| < 0.5 - 2^-10), fl(x/s) lies strictly inside
+// the same rounding interval and both round to the same integer. Lanes with |x/s| >= 2^11 saturate
+// either way (both roundings are beyond +-2047, the clamp gives 255 or 0 whatever the zero point);
+// +-Inf and NaN fail the test and take the division. So only lanes near a half-integer (about 1
+// in 500) and scales outside [2^-60, 2^60] divide. (Requantized conv outputs saturate often — a
+// Relu6 layer's range — and dividing those lanes made uint8 depthwise convs 2-3x slower.)
+//
+// vlo/vhi: the clamp's bounds, [0, 255] or narrower when an activation is folded in (with_act).
 struct QuantScale {
-  __m512 vs, vr, vz;
+  __m512 vs, vr, vz, vlo, vhi;
   bool fast;
   QuantScale(float scale, float zpf)
       : vs(_mm512_set1_ps(scale)), vr(_mm512_set1_ps(1.f / scale)), vz(_mm512_set1_ps(zpf)),
-        fast(scale >= 0x1p-60f && scale <= 0x1p60f) {}
+        vlo(_mm512_setzero_ps()), vhi(_mm512_set1_ps(255.f)), fast(scale >= 0x1p-60f && scale <= 0x1p60f) {
+    s_ = scale;
+    z_ = zpf;
+  }
+  // Whether act(y) followed by this quantization equals the quantization clamped to
+  // [q(lo), q(hi)]: exact because q(y) = clamp(nearbyint(y / s) + zp, 0, 255) is non-decreasing in
+  // y, so q(min(max(y, lo), hi)) = min(max(q(y), q(lo)), q(hi)); NaN y gives q(lo) both ways
+  // (max_ps returns its second operand). A NaN bound keeps the float activation.
+  static bool foldable(Activation act, float lo, float hi) {
+    return act != Activation::Clip || (lo == lo && hi == hi);
+  }
+  QuantScale with_act(Activation act, float lo, float hi) const {
+    QuantScale q = *this;
+    if (act == Activation::Relu) {
+      q.vlo = _mm512_set1_ps(scalar_q(0.f));
+    } else if (act == Activation::Clip) {
+      q.vlo = _mm512_set1_ps(scalar_q(lo));
+      q.vhi = _mm512_set1_ps(scalar_q(hi));
+    }
+    return q;
+  }
+
+ private:
+  float s_, z_;
+  float scalar_q(float v) const {  // the vector path's float operations on one value
+    float t = std::nearbyint(v / s_) + z_;
+    t = t > 0.f ? t : 0.f;
+    return t < 255.f ? t : 255.f;
+  }
 };
 
 static inline __m512 round_div(__m512 x, const QuantScale& qs) {
@@ -29,29 +58,28 @@ static inline __m512 round_div(__m512 x, const QuantScale& qs) {
   if (qs.fast) {
     const __m512 q = _mm512_mul_ps(x, qs.vr);
     const __m512 r = _mm512_roundscale_ps(q, kNear);
-    const __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(q), _mm512_set1_ps(256.f), _CMP_LT_OQ);  // not NaN
-    const __mmask16 near_int = _mm512_mask_cmp_ps_mask(small, _mm512_abs_ps(_mm512_sub_ps(q, r)),
-                                                       _mm512_set1_ps(0.5f - 0x1p-10f), _CMP_LT_OQ);
-    const __mmask16 divide = static_cast<__mmask16>(small & ~near_int);
+    // not (|q' - r| < 0.5 - 2^-10), NaN included: divide
+    const __mmask16 divide =
+        _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(q, r)), _mm512_set1_ps(0.5f - 0x1p-10f), _CMP_NLT_UQ);
     if (divide == 0) return r;
     return _mm512_mask_roundscale_ps(r, divide, _mm512_div_ps(x, qs.vs), kNear);
   }
   return _mm512_roundscale_ps(_mm512_div_ps(x, qs.vs), kNear);
 }
 
-// Quantized values as int32 lanes in [0, 255].
+// Quantized values as int32 lanes in [vlo, vhi] (within [0, 255]).
 static inline __m512i quant16_i32(__m512 x, const QuantScale& qs) {
   __m512 q = round_div(x, qs);
   q = _mm512_add_ps(q, qs.vz);
-  q = _mm512_max_ps(q, _mm512_setzero_ps());
-  q = _mm512_min_ps(q, _mm512_set1_ps(255.f));
+  q = _mm512_max_ps(q, qs.vlo);
+  q = _mm512_min_ps(q, qs.vhi);
   return _mm512_cvttps_epi32(q);
 }
 
 static inline __m128i quant16(__m512 x, const QuantScale& qs) { return _mm512_cvtepi32_epi8(quant16_i32(x, qs)); }
 
 // Requantized u8 output of 16 floats: the same arithmetic as the activation quantization,
-// clamp(nearbyint(y / out_scale) + out_zp, 0, 255).
+// clamp(nearbyint(y / out_scale) + out_zp, 0, 255) (and the activation when folded into qs).
 static inline __m128i requant16(__m512 y, const QuantScale& qs) { return quant16(y, qs); }
 
 // 16 u8 lanes to memory: a plain store for a full vector (the masked narrowing store the compiler
@@ -172,11 +200,14 @@ static inline void transposed_store(const float* ybuf, const Tile& t, const Epil
 // column's scale, zero-point correction and bias broadcast, and stored straight into its plane.
 // Same float operations in the same order as finish_vec.
 static inline void transposed_tile(const std::int32_t* acc, int ld, const Tile& t, const Epilogue& ep) {
-  const QuantScale oq(ep.requant ? ep.out_scale : 1.f, ep.out_zp);
+  // u8 output: the activation folds into the requantization's clamp (QuantScale::with_act)
+  const bool fold = ep.requant && QuantScale::foldable(ep.act, ep.lo, ep.hi);
+  const QuantScale oq = fold ? QuantScale(ep.out_scale, ep.out_zp).with_act(ep.act, ep.lo, ep.hi)
+                             : QuantScale(ep.requant ? ep.out_scale : 1.f, ep.out_zp);
   const std::int32_t* const colsum = ep.colsum;
   const float* const wscale = ep.wscale;
   const float* const bias = ep.bias;
-  const Activation act = ep.act;
+  const Activation act = fold ? Activation::None : ep.act;
   const __m512 lo = _mm512_set1_ps(ep.lo), hi = _mm512_set1_ps(ep.hi);
   const bool requant = ep.requant;
   float* const cf = ep.cf;
@@ -233,7 +264,12 @@ struct DirectEpi {
   explicit DirectEpi(const DirectConv& d)
       : nq(d.OH * d.Wp), Wp(d.Wp), OW(d.OW), OH(d.OH), oplane(d.oplane), Y(d.Y), Yu(d.Yu), R(d.R), act(d.act),
         lo(_mm512_set1_ps(d.lo)), hi(_mm512_set1_ps(d.hi)), oq(d.Yu ? d.out_scale : 1.f, d.out_zp),
-        zp(static_cast<std::uint32_t>(d.zp)), a_scale(d.a_scale), wsum(d.wsum), wscale(d.wscale), bias(d.bias) {}
+        zp(static_cast<std::uint32_t>(d.zp)), a_scale(d.a_scale), wsum(d.wsum), wscale(d.wscale), bias(d.bias) {
+    if (Yu && QuantScale::foldable(act, d.lo, d.hi)) {  // u8 output: the activation folds into the clamp
+      oq = oq.with_act(act, d.lo, d.hi);
+      act = Activation::None;
+    }
+  }
 };
 
 // One output channel's constants: zero-point correction, scale, bias, plane offset.

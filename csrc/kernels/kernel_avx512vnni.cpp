@@ -309,7 +309,13 @@ static void depthwise_impl(const std::uint8_t* xp, int Wp, const std::int8_t* w,
   c.lo = _mm512_set1_ps(ep.lo);
   c.hi = _mm512_set1_ps(ep.hi);
   c.corr = _mm512_set1_epi32(static_cast<std::int32_t>(static_cast<std::uint32_t>(zp) * static_cast<std::uint32_t>(wsum)));
-  if constexpr (std::is_same_v<OutT, std::uint8_t>) c.oq = QuantScale(ep.out_scale, ep.out_zp);
+  if constexpr (std::is_same_v<OutT, std::uint8_t>) {
+    c.oq = QuantScale(ep.out_scale, ep.out_zp);
+    if (QuantScale::foldable(ep.act, ep.lo, ep.hi)) {  // the activation folds into the clamp
+      c.oq = c.oq.with_act(ep.act, ep.lo, ep.hi);
+      c.act = Activation::None;
+    }
+  }
   if (kH == 3 && dh == 1 && (sh == 1 || sh == 2)) {
     for (int oh0 = 0; oh0 < OH; oh0 += 4) {
       const int nr = OH - oh0 < 4 ? OH - oh0 : 4;

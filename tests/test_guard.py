@@ -402,6 +402,39 @@ def test_conv_slower_alone_is_readmitted_when_the_chain_pays(chained_faster):
 
 
 @pytest.mark.skipif(runtime.custom_ops_library() is None, reason="auto means onnxruntime without the library")
+@pytest.mark.parametrize("chain_wins", [True, False])
+def test_target_auto_times_our_ops_with_the_cost_rejected_convs_too(chain_wins):
+    """target="auto" gives the QDQ candidate the convs the cost step sent back; our ops get the same
+    set as a uint8 chain in the same timed run, and the faster of the three lowerings is kept."""
+    from .test_quantize_chain import calib as chain_calib
+    from .test_quantize_chain import chain_net
+    model = chain_net(5)
+    calls = []
+
+    def timer(models, feeds_):
+        if len(models[0].graph.node) <= 3:  # one site alone: conv1 loses, the others pay
+            names = {n.name for n in models[0].graph.node}
+            return [1.0, 2.0] if any(n.startswith("conv1") for n in names) else [1.0, 0.5]
+        if len(models) == 4:  # fp32, ours without conv1, ours with it, onnxruntime QDQ with it
+            calls.append([sum(n.op_type == "QConv" for n in m.graph.node) for m in models])
+            return [1.0, 0.5, 0.3, 0.4] if chain_wins else [1.0, 0.5, 0.6, 0.4]
+        if len(models) == 2 and all(any(n.op_type == "QConv" for n in m.graph.node) for m in models):
+            return [0.5, 0.5]  # readmit_chained: no gain, conv1 stays fp32 there
+        return [1.0, 0.5]
+
+    q, report = run_auto(model, chain_calib(n=8), timer=timer, target="auto", tolerance=None)
+    assert len(calls) == 1 and calls[0][2] == calls[0][1] + 1 and calls[0][3] == 0
+    r = rows(report)
+    ops = [n.op_type for n in q.graph.node]
+    if chain_wins:  # ours with conv1 (0.3) beats QDQ (0.4)
+        assert ops.count("QConv") == calls[0][2] and r["conv1"]["quantized"]
+        assert "uint8 chain" in r["conv1"]["reason"]
+    else:  # QDQ (0.4) beats ours (0.5 / 0.6)
+        assert "QConv" not in ops and r["conv1"]["quantized"]
+        assert any("target auto: onnxruntime QDQ" in t for _, t in report.messages)
+
+
+@pytest.mark.skipif(runtime.custom_ops_library() is None, reason="auto means onnxruntime without the library")
 @pytest.mark.parametrize("ort_faster", [True, False])
 def test_target_auto_takes_the_faster_backend(ort_faster):
     """target="auto" (the int8 preset's): the kept sites are lowered both ways and timed whole;

@@ -401,6 +401,22 @@ def test_conv_slower_alone_is_readmitted_when_the_chain_pays(chained_faster):
         assert not r["conv1"]["quantized"] and r["conv1"]["reason"].startswith("cost")
 
 
+def test_whole_model_timing_sees_the_residual_fusion():
+    """The guard times whole models as the preset will produce them: the residual Add (+Relu) already
+    inside the QConv."""
+    from .test_quantize_residual import calib as res_calib
+    from .test_quantize_residual import residual_net
+    timed = []
+
+    def timer(models, feeds_):
+        timed.extend(m for m in models if any(n.op_type == "QConv" for n in m.graph.node))
+        return [1.0] + [0.5] * (len(models) - 1)
+
+    run_auto(residual_net("relu"), res_calib(), timer=timer, tolerance=None, min_macs=0)
+    whole = [m for m in timed if sum(n.op_type == "QConv" for n in m.graph.node) >= 2]
+    assert whole and all("Add" not in {n.op_type for n in m.graph.node} for m in whole)
+
+
 @pytest.mark.skipif(runtime.custom_ops_library() is None, reason="auto means onnxruntime without the library")
 @pytest.mark.parametrize("chain_wins", [True, False])
 def test_target_auto_times_our_ops_with_the_cost_rejected_convs_too(chain_wins):
@@ -454,6 +470,8 @@ def test_target_auto_takes_the_faster_backend(ort_faster):
     assert len(calls) == 1
     fp32_ops, ours_ops, theirs_ops = calls[0]
     assert "QConv" in ours_ops and "QConv" not in theirs_ops and "DequantizeLinear" in theirs_ops
+    # ours is timed as the preset will produce it: one uint8 chain (QuantizeLinear -> QConvs -> DequantizeLinear)
+    assert "QuantizeLinear" in ours_ops and "DequantizeLinear" in ours_ops
     ops = {n.op_type for n in q.graph.node}
     if ort_faster:
         assert "QConv" not in ops and "QuantizeLinear" in ops

@@ -255,8 +255,13 @@ class Guard:
                 if fused and target == "onnxopt":
                     from .chain import ChainQConvU8
                     from .residual import FuseQConvResidual
+                    # the replaced float nodes go first, as between the preset's passes: while they
+                    # still read the QConv outputs no output has a single consumer and neither
+                    # rewrite applied (the guard timed unchained, unfused models)
+                    tidy(g)
                     for p in (FuseQConvResidual(), ChainQConvU8()):
                         p.run(g, self.ctx)
+                        tidy(g)
             tidy(g)
             return ir.export_model(g, base)
 

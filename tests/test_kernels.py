@@ -259,8 +259,12 @@ def test_quantize_near_ties(isa):
         x = np.array([v if k == 0 else (np.nextafter(v, F32(np.inf) if k > 0 else F32(-np.inf)) if abs(k) == 1 else
                       np.nextafter(np.nextafter(v, F32(np.copysign(np.inf, k))), F32(np.copysign(np.inf, k))))
                       for v, k in zip(x, steps)], F32)
+        # products near and beyond the int32 range (the fast path converts x / s to int32), NaN
+        big = np.array([2.0 ** 31 - 128, 2.0 ** 31, -(2.0 ** 31), -(2.0 ** 31) - 256, 2.0 ** 30, 2047.5, -2047.5,
+                        1e12, -1e12], np.float64) * np.float64(s)
         x = np.concatenate([x, (rng.standard_normal(997) * 100 * s).astype(F32),
-                            np.array([0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38, np.inf, -np.inf], F32)])
+                            np.array([0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38, np.inf, -np.inf, np.nan], F32),
+                            np.clip(big, -3e38, 3e38).astype(F32)])
         for z in (0, 128, 255):
             assert_bits(K.quantize_static(x, s, z, isa=isa), ref_quant(x, s, z))
     x = (rng.standard_normal((5, 1001)) * 3).astype(F32)

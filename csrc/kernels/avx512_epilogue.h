@@ -19,12 +19,16 @@ static inline __mmask16 col_mask(int valid) {
 // vlo/vhi: the clamp's bounds, [0, 255] or narrower when an activation is folded in (with_act).
 struct QuantScale {
   __m512 vs, vr, vz, vlo, vhi;
+  __m512i iz, ilo, ihi;  // the fast path's integer zero point and clamp bounds minus the zero point
   bool fast;
   QuantScale(float scale, float zpf)
       : vs(_mm512_set1_ps(scale)), vr(_mm512_set1_ps(1.f / scale)), vz(_mm512_set1_ps(zpf)),
         vlo(_mm512_setzero_ps()), vhi(_mm512_set1_ps(255.f)), fast(scale >= 0x1p-60f && scale <= 0x1p60f) {
     s_ = scale;
     z_ = zpf;
+    // zero points are integers in [0, 255] (callers pass a converted uint8); otherwise exact path only
+    if (!(zpf >= 0.f && zpf <= 255.f && zpf == static_cast<float>(static_cast<int>(zpf)))) fast = false;
+    set_int_bounds(0.f, 255.f);
   }
   // Whether act(y) followed by this quantization equals the quantization clamped to
   // [q(lo), q(hi)]: exact because q(y) = clamp(nearbyint(y / s) + zp, 0, 255) is non-decreasing in
@@ -35,17 +39,29 @@ struct QuantScale {
   }
   QuantScale with_act(Activation act, float lo, float hi) const {
     QuantScale q = *this;
+    float l = 0.f, h = 255.f;
     if (act == Activation::Relu) {
-      q.vlo = _mm512_set1_ps(scalar_q(0.f));
+      l = scalar_q(0.f);
     } else if (act == Activation::Clip) {
-      q.vlo = _mm512_set1_ps(scalar_q(lo));
-      q.vhi = _mm512_set1_ps(scalar_q(hi));
+      l = scalar_q(lo);
+      h = scalar_q(hi);
     }
+    q.vlo = _mm512_set1_ps(l);
+    q.vhi = _mm512_set1_ps(h);
+    q.set_int_bounds(l, h);
     return q;
   }
 
  private:
   float s_, z_;
+  void set_int_bounds(float l, float h) {  // l, h integers in [0, 255]
+    const int z = static_cast<int>(z_);
+    iz = _mm512_set1_epi32(z);
+    ilo = _mm512_set1_epi32(static_cast<int>(l) - z);
+    // min(max(n, l - z), h - z) + z = the float clamp of n + z into [l, h]; with l > h (crossed Clip
+    // bounds) the float clamp gives h everywhere, and so does this (max then min).
+    ihi = _mm512_set1_epi32(static_cast<int>(h) - z);
+  }
   float scalar_q(float v) const {  // the vector path's float operations on one value
     float t = std::nearbyint(v / s_) + z_;
     t = t > 0.f ? t : 0.f;
@@ -53,27 +69,30 @@ struct QuantScale {
   }
 };
 
-static inline __m512 round_div(__m512 x, const QuantScale& qs) {
-  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  if (qs.fast) {
-    const __m512 q = _mm512_mul_ps(x, qs.vr);
-    const __m512 r = _mm512_roundscale_ps(q, kNear);
-    // not (|q' - r| < 0.5 - 2^-10), NaN included: divide
-    const __mmask16 divide =
-        _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(q, r)), _mm512_set1_ps(0.5f - 0x1p-10f), _CMP_NLT_UQ);
-    if (divide == 0) return r;
-    return _mm512_mask_roundscale_ps(r, divide, _mm512_div_ps(x, qs.vs), kNear);
-  }
-  return _mm512_roundscale_ps(_mm512_div_ps(x, qs.vs), kNear);
-}
-
-// Quantized values as int32 lanes in [vlo, vhi] (within [0, 255]).
-static inline __m512i quant16_i32(__m512 x, const QuantScale& qs) {
-  __m512 q = round_div(x, qs);
+// The exact path: nearbyint(x / s) + zp clamped into [vlo, vhi], all in float (NaN -> vlo).
+static inline __m512i quant16_exact(__m512 x, const QuantScale& qs) {
+  __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, qs.vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   q = _mm512_add_ps(q, qs.vz);
   q = _mm512_max_ps(q, qs.vlo);
   q = _mm512_min_ps(q, qs.vhi);
   return _mm512_cvttps_epi32(q);
+}
+
+// Quantized values as int32 lanes in [vlo, vhi] (within [0, 255]). Fast path (see QuantScale): the
+// product q' = x * r rounded to an integer n by the conversion (round to nearest even, the default
+// mode), kept when q' is at least 2^-10 away from a half-integer; n is clamped into
+// [vlo - zp, vhi - zp] before the zero point is added (no overflow), the same integers as the float
+// clamp. Huge and NaN lanes fail the test (n is INT_MIN there) and the whole vector takes the
+// exact path. (12 vector uops instead of 14: the output stage of u8 convs is bound by them.)
+static inline __m512i quant16_i32(__m512 x, const QuantScale& qs) {
+  if (qs.fast) {
+    const __m512 q = _mm512_mul_ps(x, qs.vr);
+    const __m512i n = _mm512_cvtps_epi32(q);
+    const __m512 d = _mm512_abs_ps(_mm512_sub_ps(q, _mm512_cvtepi32_ps(n)));
+    if (_mm512_cmp_ps_mask(d, _mm512_set1_ps(0.5f - 0x1p-10f), _CMP_NLT_UQ) == 0)
+      return _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(n, qs.ilo), qs.ihi), qs.iz);
+  }
+  return quant16_exact(x, qs);
 }
 
 static inline __m128i quant16(__m512 x, const QuantScale& qs) { return _mm512_cvtepi32_epi8(quant16_i32(x, qs)); }

@@ -90,6 +90,14 @@ struct GemmJob {
   int mtiles, mchunks, nchunks, mc;
 };
 
+// Row stride of the packed A block. A multiple of 512 bytes puts the 16 rows of an A tile (AMX) or
+// the MR rows of a micro-tile into a few L1 sets only (K = 1024: 4 of 64 sets), and they evict each
+// other and the B panel; one extra cache line per row spreads them over all sets.
+int a_block_stride(int Kp) {
+  const int lda = std::max(Kp, 4);
+  return lda % 512 == 0 ? lda + 64 : lda;
+}
+
 void gemm_task(void* data, std::size_t i) {
   const GemmJob& job = *static_cast<const GemmJob*>(data);
   const PackedB& B = *job.B;
@@ -102,7 +110,7 @@ void gemm_task(void* data, std::size_t i) {
   const int p1 = static_cast<int>(static_cast<long long>(np) * (ni + 1) / job.nchunks);
   if (row0 >= row1 || p0 >= p1) return;
   const int mc = std::min(job.mc, row1 - row0);
-  const int lda = std::max(B.Kp, 4);
+  const int lda = a_block_stride(B.Kp);
   // In-place A: full micro-tiles read the caller's rows directly (no copy) when no K padding is
   // needed; only a ragged last tile of rows goes through the buffer. Rows that straddle cache
   // lines cost twice on every pass over a column panel, so unaligned A is read in place only when
@@ -178,7 +186,7 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
   GemmJob job{&B, M, src, ep, 0, 1, 1, 0};
   job.mtiles = (M + o.MR - 1) / o.MR;
   // Rows per A block: keep the packed block around 256 KB so it stays in L2 while B panels stream.
-  const int lda = std::max(B.Kp, 4);
+  const int lda = a_block_stride(B.Kp);
   job.mc = std::max(o.MR, (256 * 1024 / lda) / o.MR * o.MR);
   // ... but never split a small M into two blocks (each block streams all of B again): one block
   // when every row fits in 1.5x that budget (e.g. 49 x 4608).

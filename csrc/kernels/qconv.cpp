@@ -697,8 +697,8 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
   } else if (!direct && !w->depthwise) {
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(w->il ? 4 : p.C) * Hp * Wp);
   }
-  AlignedBuf<std::uint8_t> xplanes;  // interleaved im2col: the padded planes before interleaving
-  if (w->il) xplanes = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
+  AlignedBuf<std::uint8_t> xplanes;  // interleaved im2col without quant_pack4: the padded planes
+  if (w->il && !Xu && !w->ops->quant_pack4) xplanes = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
   // u8 output of the GEMM paths: float staging image, requantized per plane in finish_task
   // (the GEMM epilogue requantizes straight into Yu when there is no residual to add first)
   const bool stage_gemm = Yu && !w->direct && !w->depthwise && stage.residual;
@@ -806,7 +806,28 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
       par(depthwise_task, static_cast<std::size_t>((p.C + job.per_task - 1) / job.per_task), &job);
       continue;
     }
-    if (w->il) {
+    if (w->il && (c.Xu || w->ops->quant_pack4)) {
+      // quantized (or u8) channel rows interleaved straight into the padded pixel image, one pass
+      const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
+      const std::size_t plane = static_cast<std::size_t>(H) * W;
+      std::memset(xp.get(), z, static_cast<std::size_t>(p.pad_top) * Wp * 4);
+      for (int h = 0; h < H; ++h) {
+        std::uint8_t* row = xp.get() + static_cast<std::size_t>(p.pad_top + h) * Wp * 4;
+        std::memset(row, z, static_cast<std::size_t>(p.pad_left) * 4);
+        if (c.Xu) {
+          const std::uint8_t* xr[4];
+          for (int j = 0; j < 4; ++j) xr[j] = j < p.C ? c.Xu + j * plane + static_cast<std::size_t>(h) * W : nullptr;
+          interleave4_u8(xr, W, z, row + static_cast<std::size_t>(p.pad_left) * 4);
+        } else {
+          const float* xr[4];
+          for (int j = 0; j < 4; ++j) xr[j] = j < p.C ? c.X + j * plane + static_cast<std::size_t>(h) * W : nullptr;
+          w->ops->quant_pack4(xr, W, c.scale, c.zpf, row + static_cast<std::size_t>(p.pad_left) * 4);
+        }
+        std::memset(row + static_cast<std::size_t>(p.pad_left + W) * 4, z, static_cast<std::size_t>(Wp - p.pad_left - W) * 4);
+      }
+      const std::size_t used = static_cast<std::size_t>(p.pad_top + H) * Wp * 4;
+      std::memset(xp.get() + used, z, static_cast<std::size_t>(Hp) * Wp * 4 - used);
+    } else if (w->il) {  // ISAs without quant_pack4: padded planes, then interleaved
       for (int ci = 0; ci < p.C; ++ci) pad_quant_plane(c, ci, xplanes.get() + static_cast<std::size_t>(ci) * Hp * Wp);
       const std::vector<std::uint8_t> zrow(static_cast<std::size_t>(Wp), static_cast<std::uint8_t>(c.zpf));
       const std::uint8_t* rows[4];

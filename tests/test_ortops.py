@@ -171,6 +171,19 @@ def test_spinning_setting_changes_the_split_not_the_results():
         ref = run(cmodel, xc, 1)
         assert np.array_equal(run(cmodel, xc, 2, spinning=False), ref)
         assert np.array_equal(run(cmodel, xc, 2, spinning=True), ref)
+    # static activation quantization without spinning: the image preparation and the compute tasks
+    # run in one region (run_after): the direct kernel, the pixel-interleaved im2col of an RGB stem,
+    # the padded-plane im2col of a strided conv, each with bias and an activation
+    for shape, hw, kw in (((64, 64, 3, 3), 40, dict(pads=[1, 1, 1, 1])),
+                          ((32, 3, 7, 7), 160, dict(pads=[3, 3, 3, 3], strides=[2, 2])),
+                          ((64, 64, 3, 3), 66, dict(pads=[1, 1, 1, 1], strides=[2, 2]))):
+        cw, cs = random_weights(rng, shape, True)
+        bias = rng.standard_normal(shape[0]).astype(F32)
+        cmodel = qconv_model(cw, cs, bias, x_scale=0.03, x_zp=120, activation="relu", **kw)
+        xc = rng.standard_normal((1, shape[1], hw, hw)).astype(F32)
+        ref = run(cmodel, xc, 1)
+        for _ in range(3):  # the slots race for the prologue differently each time
+            assert np.array_equal(run(cmodel, xc, 2, spinning=False), ref)
     w, ws = random_weights(rng, (768, 3072), True)
     model = qgemm_model(w, ws, x_shape=("m", 768))
     x = rng.standard_normal((128, 768)).astype(F32)  # 302M MACs: parallel either way

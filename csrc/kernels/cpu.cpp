@@ -1,4 +1,6 @@
 // CPU feature detection, ISA selection and the serial fallback of Parallel.
+#include <atomic>
+#include <immintrin.h>
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -124,6 +126,47 @@ void Parallel::operator()(void (*fn)(void*, std::size_t), std::size_t total, voi
 }
 
 namespace detail {
+
+namespace {
+struct AfterState {
+  void (*pro)(void*);
+  void* pro_data;
+  void (*fn)(void*, std::size_t);
+  void* data;
+  std::size_t total;
+  std::atomic<int> claimed{0};
+  std::atomic<bool> ready{false};
+  std::atomic<std::size_t> next{0};
+};
+
+void after_slot(void* p, std::size_t) {
+  AfterState& s = *static_cast<AfterState*>(p);
+  if (s.claimed.exchange(1, std::memory_order_acq_rel) == 0) {
+    s.pro(s.pro_data);
+    s.ready.store(true, std::memory_order_release);
+  } else {
+    // another slot is running the prologue right now (it claimed it): a short, bounded wait
+    while (!s.ready.load(std::memory_order_acquire)) _mm_pause();
+  }
+  for (std::size_t i; (i = s.next.fetch_add(1, std::memory_order_relaxed)) < s.total;) s.fn(s.data, i);
+}
+}  // namespace
+
+void run_after(const Parallel& par, void (*pro)(void*), void* pro_data, void (*fn)(void*, std::size_t),
+               std::size_t total, void* data) {
+  if (par.run == nullptr || par.degree <= 1 || total <= 1) {
+    pro(pro_data);
+    for (std::size_t i = 0; i < total; ++i) fn(data, i);
+    return;
+  }
+  AfterState s;
+  s.pro = pro;
+  s.pro_data = pro_data;
+  s.fn = fn;
+  s.data = data;
+  s.total = total;
+  par.run(par.ctx, after_slot, static_cast<std::size_t>(par.degree), &s);
+}
 
 bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(detected_isa()); }
 

@@ -44,6 +44,20 @@ struct ASource {
 // out(m, n) = epilogue(A(m, :) x B(:, n)) for m < M. ep.colsum / ep.wzp / ep.K are filled in here.
 void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Parallel& par);
 
+// The same split into tasks without running them (M > 0): gemm_task(&job, i) for i < mchunks *
+// nchunks; parallel: whether the split is meant for the pool. wake_hidden: the tasks will run
+// with run_after (finer tasks pay when the wake-up overlaps a prologue).
+struct GemmJob {
+  const PackedB* B;
+  int M;
+  ASource src;
+  Epilogue ep;
+  int mtiles, mchunks, nchunks, mc;
+  bool parallel;
+};
+GemmJob plan_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Parallel& par, bool wake_hidden);
+void gemm_task(void* job, std::size_t i);
+
 // Dynamic quantization parameters of the numerics contract from a row's (or image's) range.
 void dynamic_params(float lo, float hi, float* scale, float* zpf);
 

@@ -120,6 +120,13 @@ bool isa_supported(Isa isa);
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// One parallel region for "a serial prologue, then tasks": the first slot to start runs pro while
+// the other slots wait for it, then all take fn's tasks [0, total) from a shared counter. Without a
+// spinning pool the calling thread starts the prologue at once and the workers' wake-up overlaps
+// it, instead of every region costing a wake-up on the critical path (cpu.cpp).
+void run_after(const Parallel& par, void (*pro)(void*), void* pro_data, void (*fn)(void*, std::size_t),
+               std::size_t total, void* data);
+
 // 64-byte aligned scratch from a per-thread cache of freed blocks (scratch.cpp).
 void* scratch_alloc(std::size_t bytes);
 void scratch_free(void* p);

@@ -385,6 +385,18 @@ void direct_pack_task(void* data, std::size_t i) {
   std::memset(dst + used, z, static_cast<std::size_t>(k.L) * 4 - used);
 }
 
+// All pack tasks of the direct path on one thread (the prologue of run_after).
+struct PackAll {
+  void (*fn)(void*, std::size_t);
+  std::size_t n;
+  PackCtx* pk;
+};
+
+void pack_all(void* data) {
+  const PackAll& a = *static_cast<const PackAll*>(data);
+  for (std::size_t i = 0; i < a.n; ++i) a.fn(a.pk, i);
+}
+
 // 1x1 strided direct path: the subsampled image (OH x OW pixels, no padding) is packed like a
 // stride-1 image, reading every stride-th float of every stride-th row.
 void direct_pack_strided_task(void* data, std::size_t i) {
@@ -644,6 +656,59 @@ Isa packed_conv_isa(const PackedConv& pw) {
 namespace detail {
 namespace {
 
+// The input image as the GEMM paths read it: the pixel-interleaved image (im2col il), or the
+// zero-point padded planes (im2col), nothing for the 1x1 GEMM path (its fill quantizes).
+struct ImagePrep {
+  const ConvCtx* c;
+  std::uint8_t* xp;
+  std::uint8_t* xplanes;
+  int H, W, Hp, Wp;
+  bool direct;     // the 1x1 stride-1 GEMM path
+  Parallel pad_par;  // for the padded planes (serial when not worth a region)
+};
+
+void prepare_image(void* data) {
+  const ImagePrep& k = *static_cast<const ImagePrep*>(data);
+  const ConvCtx& c = *k.c;
+  const PackedConvImpl* w = c.w;
+  const ConvParams& p = w->p;
+  const int H = k.H, W = k.W, Hp = k.Hp, Wp = k.Wp;
+  const bool direct = k.direct;
+  if (w->il && (c.Xu || w->ops->quant_pack4)) {
+    // quantized (or u8) channel rows interleaved straight into the padded pixel image, one pass
+    const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
+    const std::size_t plane = static_cast<std::size_t>(H) * W;
+    std::memset(k.xp, z, static_cast<std::size_t>(p.pad_top) * Wp * 4);
+    for (int h = 0; h < H; ++h) {
+      std::uint8_t* row = k.xp + static_cast<std::size_t>(p.pad_top + h) * Wp * 4;
+      std::memset(row, z, static_cast<std::size_t>(p.pad_left) * 4);
+      if (c.Xu) {
+        const std::uint8_t* xr[4];
+        for (int j = 0; j < 4; ++j) xr[j] = j < p.C ? c.Xu + j * plane + static_cast<std::size_t>(h) * W : nullptr;
+        interleave4_u8(xr, W, z, row + static_cast<std::size_t>(p.pad_left) * 4);
+      } else {
+        const float* xr[4];
+        for (int j = 0; j < 4; ++j) xr[j] = j < p.C ? c.X + j * plane + static_cast<std::size_t>(h) * W : nullptr;
+        w->ops->quant_pack4(xr, W, c.scale, c.zpf, row + static_cast<std::size_t>(p.pad_left) * 4);
+      }
+      std::memset(row + static_cast<std::size_t>(p.pad_left + W) * 4, z, static_cast<std::size_t>(Wp - p.pad_left - W) * 4);
+    }
+    const std::size_t used = static_cast<std::size_t>(p.pad_top + H) * Wp * 4;
+    std::memset(k.xp + used, z, static_cast<std::size_t>(Hp) * Wp * 4 - used);
+  } else if (w->il) {  // ISAs without quant_pack4: padded planes, then interleaved
+    for (int ci = 0; ci < p.C; ++ci) pad_quant_plane(c, ci, k.xplanes + static_cast<std::size_t>(ci) * Hp * Wp);
+    const std::vector<std::uint8_t> zrow(static_cast<std::size_t>(Wp), static_cast<std::uint8_t>(c.zpf));
+    const std::uint8_t* rows[4];
+    for (int y = 0; y < Hp; ++y) {
+      for (int j = 0; j < 4; ++j)
+        rows[j] = j < p.C ? k.xplanes + (static_cast<std::size_t>(j) * Hp + y) * Wp : zrow.data();
+      interleave4_u8(rows, Wp, 0, k.xp + static_cast<std::size_t>(y) * Wp * 4);
+    }
+  } else if (!direct) {
+    k.pad_par(pad_quant_task, static_cast<std::size_t>(p.C), const_cast<ConvCtx*>(&c));
+  }
+}
+
 // Float (X) or u8 (Xu, quantized with *x_scale / *x_zp) input; float (Y) or u8 (Yu, stage.requant)
 // output. With a residual the inner kernels of the non-direct paths run without the activation;
 // the residual and the activation are applied per channel plane right after (residual_act), and a
@@ -659,7 +724,14 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
                               conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom) *
                               conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
   // (ResNet-50's 7x7 stem, 118M MACs at ~750 us, still gains: 2 threads take 450 us.)
-  const Parallel par = (!par_in.cheap_wake && conv_macs < (1LL << 26)) ? Parallel{} : par_in;
+  // Exception (hide): static quantization, one group, an image small enough to prepare on one
+  // thread: the preparation and the compute tasks run in one region (run_after), the calling
+  // thread starts at once and the workers' wake-up overlaps the preparation. Then only convs below
+  // 8M MACs stay on the calling thread.
+  const std::size_t img_elems = static_cast<std::size_t>(p.C) * H * W;
+  const bool hide = !par_in.cheap_wake && par_in.run && par_in.degree > 1 && p.group == 1 && x_scale != nullptr &&
+                    !(p.C / p.group == 1) && img_elems < (std::size_t{1} << 20);
+  const Parallel par = (!par_in.cheap_wake && conv_macs < (hide ? (1LL << 23) : (1LL << 26))) ? Parallel{} : par_in;
   const int OH = conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
   const int OW = conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);
   if (N < 0 || H <= 0 || W <= 0 || OH <= 0 || OW <= 0)
@@ -735,9 +807,10 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
     c.hi = stage.clip_hi;
     if (w->direct) {
       PackCtx pk{&c, xp.get(), L};
-      const Parallel& pack_par = worth_a_region(par, in_img) ? par : Parallel{};
-      pack_par(w->s2d ? s2d_pack_task : subsample ? direct_pack_strided_task : direct_pack_task,
-               static_cast<std::size_t>(p.group) * w->CGp, &pk);
+      PackAll pack{w->s2d ? s2d_pack_task : subsample ? direct_pack_strided_task : direct_pack_task,
+                   static_cast<std::size_t>(p.group) * w->CGp, &pk};
+      const bool one_region = hide && par.run;
+      if (!one_region) (worth_a_region(par, in_img) ? par : Parallel{})(pack.fn, pack.n, &pk);
       const IsaOps& o = *w->ops;
       const int degree = (par.run && par.degree > 1) ? par.degree : 1;
       for (int g = 0; g < p.group; ++g) {
@@ -795,7 +868,10 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
             }
           }
         }
-        par(direct_task, static_cast<std::size_t>(j.ntq) * j.nto, &j);
+        if (one_region)  // (one group)
+          run_after(par, pack_all, &pack, direct_task, static_cast<std::size_t>(j.ntq) * j.nto, &j);
+        else
+          par(direct_task, static_cast<std::size_t>(j.ntq) * j.nto, &j);
       }
       continue;
     }
@@ -806,39 +882,9 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
       par(depthwise_task, static_cast<std::size_t>((p.C + job.per_task - 1) / job.per_task), &job);
       continue;
     }
-    if (w->il && (c.Xu || w->ops->quant_pack4)) {
-      // quantized (or u8) channel rows interleaved straight into the padded pixel image, one pass
-      const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
-      const std::size_t plane = static_cast<std::size_t>(H) * W;
-      std::memset(xp.get(), z, static_cast<std::size_t>(p.pad_top) * Wp * 4);
-      for (int h = 0; h < H; ++h) {
-        std::uint8_t* row = xp.get() + static_cast<std::size_t>(p.pad_top + h) * Wp * 4;
-        std::memset(row, z, static_cast<std::size_t>(p.pad_left) * 4);
-        if (c.Xu) {
-          const std::uint8_t* xr[4];
-          for (int j = 0; j < 4; ++j) xr[j] = j < p.C ? c.Xu + j * plane + static_cast<std::size_t>(h) * W : nullptr;
-          interleave4_u8(xr, W, z, row + static_cast<std::size_t>(p.pad_left) * 4);
-        } else {
-          const float* xr[4];
-          for (int j = 0; j < 4; ++j) xr[j] = j < p.C ? c.X + j * plane + static_cast<std::size_t>(h) * W : nullptr;
-          w->ops->quant_pack4(xr, W, c.scale, c.zpf, row + static_cast<std::size_t>(p.pad_left) * 4);
-        }
-        std::memset(row + static_cast<std::size_t>(p.pad_left + W) * 4, z, static_cast<std::size_t>(Wp - p.pad_left - W) * 4);
-      }
-      const std::size_t used = static_cast<std::size_t>(p.pad_top + H) * Wp * 4;
-      std::memset(xp.get() + used, z, static_cast<std::size_t>(Hp) * Wp * 4 - used);
-    } else if (w->il) {  // ISAs without quant_pack4: padded planes, then interleaved
-      for (int ci = 0; ci < p.C; ++ci) pad_quant_plane(c, ci, xplanes.get() + static_cast<std::size_t>(ci) * Hp * Wp);
-      const std::vector<std::uint8_t> zrow(static_cast<std::size_t>(Wp), static_cast<std::uint8_t>(c.zpf));
-      const std::uint8_t* rows[4];
-      for (int y = 0; y < Hp; ++y) {
-        for (int j = 0; j < 4; ++j)
-          rows[j] = j < p.C ? xplanes.get() + (static_cast<std::size_t>(j) * Hp + y) * Wp : zrow.data();
-        interleave4_u8(rows, Wp, 0, xp.get() + static_cast<std::size_t>(y) * Wp * 4);
-      }
-    } else if (!direct) {
-      (worth_a_region(par, in_img) ? par : Parallel{})(pad_quant_task, static_cast<std::size_t>(p.C), &c);
-    }
+    ImagePrep prep{&c, xp.get(), xplanes.get(), H, W, Hp, Wp, direct, worth_a_region(par, in_img) ? par : Parallel{}};
+    const bool one_region = hide && p.group == 1 && !c.R;
+    if (!one_region) prepare_image(&prep);
     for (int g = 0; g < p.group; ++g) {
       ConvCtx cg = c;
       cg.g = g;
@@ -854,7 +900,19 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
       }
       cg.ep.ldm = 1;
       cg.ep.ldn = static_cast<std::ptrdiff_t>(out_plane);
-      run_gemm(*w->groups[g], static_cast<int>(out_plane), ASource{direct ? fill_1x1 : fill_im2col, &cg}, cg.ep, par);
+      const ASource src{direct ? fill_1x1 : fill_im2col, &cg};
+      if (one_region) {  // (one group) the image prepared in the region of the GEMM tasks
+        GemmJob job = plan_gemm(*w->groups[g], static_cast<int>(out_plane), src, cg.ep, par, true);
+        const std::size_t n = static_cast<std::size_t>(job.mchunks) * job.nchunks;
+        if (job.parallel) {
+          run_after(par, prepare_image, &prep, gemm_task, n, &job);
+        } else {
+          prepare_image(&prep);
+          for (std::size_t i = 0; i < n; ++i) gemm_task(&job, i);
+        }
+        continue;
+      }
+      run_gemm(*w->groups[g], static_cast<int>(out_plane), src, cg.ep, par);
     }
     if (c.R) par(finish_task, static_cast<std::size_t>(p.M), &c);  // requantizes too when staged
   }

@@ -82,14 +82,6 @@ std::vector<float> expand_scale(const OutputStage& st, int N) {
 
 namespace {
 
-struct GemmJob {
-  const PackedB* B;
-  int M;
-  ASource src;
-  Epilogue ep;
-  int mtiles, mchunks, nchunks, mc;
-};
-
 // Row stride of the packed A block. A multiple of 512 bytes puts the 16 rows of an A tile (AMX) or
 // the MR rows of a micro-tile into a few L1 sets only (K = 1024: 4 of 64 sets), and they evict each
 // other and the B panel; one extra cache line per row spreads them over all sets.
@@ -97,6 +89,8 @@ int a_block_stride(int Kp) {
   const int lda = std::max(Kp, 4);
   return lda % 512 == 0 ? lda + 64 : lda;
 }
+
+}  // namespace
 
 void gemm_task(void* data, std::size_t i) {
   const GemmJob& job = *static_cast<const GemmJob*>(data);
@@ -175,15 +169,12 @@ void gemm_task(void* data, std::size_t i) {
   if (o.task_end) o.task_end();
 }
 
-}  // namespace
-
-void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Parallel& par) {
-  if (M <= 0 || B.N_ <= 0) return;
+GemmJob plan_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Parallel& par, bool wake_hidden) {
   const IsaOps& o = *B.ops;
   ep.K = B.K_;
   ep.colsum = B.colsum.data();
   ep.wzp = B.wzp.empty() ? nullptr : B.wzp.data();
-  GemmJob job{&B, M, src, ep, 0, 1, 1, 0};
+  GemmJob job{&B, M, src, ep, 0, 1, 1, 0, false};
   job.mtiles = (M + o.MR - 1) / o.MR;
   // Rows per A block: keep the packed block around 256 KB so it stays in L2 while B panels stream.
   const int lda = a_block_stride(B.Kp);
@@ -195,7 +186,8 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
   // A task must carry enough work to pay for waking a thread (tens of microseconds on a shared
   // pool): below kMinMacsPerTask per task, use fewer tasks; small GEMMs run on the calling thread.
   // Without a spinning pool every region also pays a thread wake-up: 4x more work per task.
-  const long long min_macs = par.cheap_wake ? (1LL << 23) : (1LL << 25);
+  // (wake_hidden: the caller runs the tasks with run_after, the wake-up overlaps its prologue)
+  const long long min_macs = (par.cheap_wake || wake_hidden) ? (1LL << 23) : (1LL << 25);
   const long long macs = static_cast<long long>(M) * B.K_ * B.N_;
   const long long max_tasks = std::max(1LL, macs / min_macs);
   const int degree = (par.run && par.degree > 1) ? static_cast<int>(std::min<long long>(par.degree, max_tasks)) : 1;
@@ -218,11 +210,19 @@ void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Pa
       if (job.mchunks < 2 * degree) job.nchunks = std::min(np, (target + job.mchunks - 1) / job.mchunks);
     }
   }
-  if (degree == 1) {  // one task, on this thread: no pool round trip
-    for (int i = 0; i < job.mchunks * job.nchunks; ++i) gemm_task(&job, static_cast<std::size_t>(i));
+  job.parallel = degree > 1;
+  return job;
+}
+
+void run_gemm(const PackedB& B, int M, const ASource& src, Epilogue ep, const Parallel& par) {
+  if (M <= 0 || B.N_ <= 0) return;
+  GemmJob job = plan_gemm(B, M, src, ep, par, false);
+  const std::size_t n = static_cast<std::size_t>(job.mchunks) * job.nchunks;
+  if (!job.parallel) {  // one task, on this thread: no pool round trip
+    for (std::size_t i = 0; i < n; ++i) gemm_task(&job, i);
     return;
   }
-  par(gemm_task, static_cast<std::size_t>(job.mchunks) * job.nchunks, &job);
+  par(gemm_task, n, &job);
 }
 
 }  // namespace detail

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run tests/test_kernels.py against an ASan+UBSan build of the native kernels.
+# Run tests/test_kernels.py and tests/test_ortops.py against an ASan+UBSan build of the native
+# kernels and of the onnxruntime custom-op library (when onnxruntime's headers are available).
 #
 #   PYTHON=/work/venv/bin/python tests/native/run_sanitized.sh [pytest args...]
 #
@@ -15,6 +16,13 @@ bdir=${BUILD_DIR:-"$root/build/asan"}
 cmake -S "$root" -B "$bdir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DONNXOPT_SANITIZE=ON \
   -DPython_EXECUTABLE="$(command -v "$py")" -Dpybind11_DIR="$("$py" -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$bdir" -j 2 --target _kernels
+ops_tests=()
+if cmake --build "$bdir" -j 2 --target onnxopt_ops >/dev/null 2>&1; then
+  export ONNXOPT_OPS_LIBRARY="$bdir/csrc/ortops/libonnxopt_ops.so"
+  ops_tests=(tests/test_ortops.py)
+else
+  echo "(no onnxruntime headers: the custom-op library is not sanitized)"
+fi
 
 stage="$bdir/pkg/onnxopt"
 rm -rf "$bdir/pkg"
@@ -34,4 +42,4 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONPATH="$bdir/pkg"
 cd "$root"
 "$py" -c "import onnxopt._kernels as k, sys; print('sanitized module:', k.__file__, k.info()['active_isa'])"
-exec "$py" -m pytest tests/test_kernels.py -q -p no:cacheprovider "$@"
+exec "$py" -m pytest tests/test_kernels.py "${ops_tests[@]}" -q -p no:cacheprovider "$@"

@@ -94,6 +94,10 @@ struct IsaOps {
   bool (*depthwise_u8)(const std::uint8_t* xp, int Wp, const std::int8_t* w, int kH, int kW, int sh, int sw,
                        int dh, int dw, int OH, int OW, std::int32_t wsum, std::int32_t zp, float a_scale, int oc,
                        const Epilogue& ep, std::uint8_t* out) = nullptr;
+  // A u8 plane [H][W] into a zero-point (z) padded plane [Hp][Wp] at row pt, column pl (null:
+  // memset and memcpy).
+  void (*pad_u8_plane)(const std::uint8_t* x, int H, int W, int pt, int pl, int Hp, int Wp, std::uint8_t z,
+                       std::uint8_t* dst) = nullptr;
   int kpad = 4;                        // packed K is padded to a multiple of this
   void (*task_begin)() = nullptr;      // per-thread setup around a GEMM task (AMX tile config)
   void (*task_end)() = nullptr;

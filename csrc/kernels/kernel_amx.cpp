@@ -165,6 +165,7 @@ const IsaOps& ops_amx() {
     o.conv_cg_align = 16;
     o.quant_pack4 = v.quant_pack4;
     o.quant_plane = v.quant_plane;
+    o.pad_u8_plane = v.pad_u8_plane;
     o.requant = v.requant;
     o.depthwise_u8 = v.depthwise_u8;
     return o;

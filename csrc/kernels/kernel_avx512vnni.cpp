@@ -143,6 +143,28 @@ void quant_plane(const float* x, int H, int W, float scale, float zpf, std::uint
   }
 }
 
+// A u8 plane [H][W] into the zero-point padded plane dst [Hp][Wp] (the image at row pt, column
+// pl): masked vector copies per row; the calls to memcpy for 7..56-byte rows were a fifth of a
+// small-plane depthwise conv.
+void pad_u8_plane(const std::uint8_t* x, int H, int W, int pt, int pl, int Hp, int Wp, std::uint8_t z,
+                  std::uint8_t* dst) {
+  const __m512i zv = _mm512_set1_epi8(static_cast<char>(z));
+  const std::size_t all = static_cast<std::size_t>(Hp) * Wp;
+  std::size_t i = 0;
+  for (; i + 64 <= all; i += 64) _mm512_storeu_si512(dst + i, zv);
+  if (i < all) _mm512_mask_storeu_epi8(dst + i, (~0ull) >> (64 - (all - i)), zv);
+  for (int h = 0; h < H; ++h) {
+    const std::uint8_t* src = x + static_cast<std::ptrdiff_t>(h) * W;
+    std::uint8_t* row = dst + static_cast<std::ptrdiff_t>(pt + h) * Wp + pl;
+    int w = 0;
+    for (; w + 64 <= W; w += 64) _mm512_storeu_si512(row + w, _mm512_loadu_si512(src + w));
+    if (w < W) {
+      const __mmask64 m = (~0ull) >> (64 - (W - w));
+      _mm512_mask_storeu_epi8(row + w, m, _mm512_maskz_loadu_epi8(m, src + w));
+    }
+  }
+}
+
 // 4 channel rows -> [n][4] u8 (channel-interleaved pixels) for the direct conv: the four int32
 // results of a 16-pixel step are merged with shifts, one zmm holding 16 pixels x 4 channels.
 template <bool kAll>
@@ -371,6 +393,7 @@ const IsaOps& ops_avx512vnni() {
     o.conv_cg_align = 1;
     o.quant_pack4 = avx512_isa::quant_pack4;
     o.quant_plane = avx512_isa::quant_plane;
+    o.pad_u8_plane = avx512_isa::pad_u8_plane;
     o.requant = avx512_isa::requant;
     o.depthwise_u8 = avx512_isa::depthwise_u8;
     return o;

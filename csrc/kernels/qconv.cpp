@@ -255,6 +255,10 @@ void pad_quant_plane(const ConvCtx& c, std::size_t ci, std::uint8_t* dst) {
   const std::uint8_t z = static_cast<std::uint8_t>(c.zpf);
   if (c.Xu) {  // already quantized: zero-point fill and row copies
     const std::uint8_t* x = c.Xu + ci * static_cast<std::size_t>(c.H) * c.W;
+    if (c.w->ops->pad_u8_plane) {
+      c.w->ops->pad_u8_plane(x, c.H, c.W, p.pad_top, p.pad_left, c.Hp, c.Wp, z, dst);
+      return;
+    }
     std::memset(dst, z, static_cast<std::size_t>(c.Hp) * c.Wp);
     for (int h = 0; h < c.H; ++h)
       std::memcpy(dst + static_cast<std::size_t>(p.pad_top + h) * c.Wp + p.pad_left, x + static_cast<std::size_t>(h) * c.W,

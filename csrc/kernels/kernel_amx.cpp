@@ -112,7 +112,10 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
   alignas(64) std::int32_t acc[32][32];
   // Channel blocks outer, pixels inner: the stores then form 32 sequential streams (one per
   // output plane) instead of one short burst per plane of the whole layer.
+  DirectRow rows[32];
   for (int oc = oc0; oc < oc1; oc += 32) {
+    const int nrows = d.Mg - oc < 32 ? d.Mg - oc : 32;
+    for (int r = 0; r < nrows; ++r) rows[r] = direct_row(e, oc + r);  // once per channel block
     for (int q = q0; q < q1; q += 32) {
       _tile_zero(0);
       _tile_zero(1);
@@ -139,11 +142,9 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
       _tile_stored(1, &acc[0][16], 128);
       _tile_stored(2, &acc[16][0], 128);
       _tile_stored(3, &acc[16][16], 128);
-      const int rows = d.Mg - oc < 32 ? d.Mg - oc : 32;
-      for (int r = 0; r < rows; ++r) {
-        const DirectRow row = direct_row(e, oc + r);
-        direct_finish16(e, row, q, _mm512_load_si512(&acc[r][0]));
-        direct_finish16(e, row, q + 16, _mm512_load_si512(&acc[r][16]));
+      for (int r = 0; r < nrows; ++r) {
+        direct_finish16(e, rows[r], q, _mm512_load_si512(&acc[r][0]));
+        direct_finish16(e, rows[r], q + 16, _mm512_load_si512(&acc[r][16]));
       }
     }
   }

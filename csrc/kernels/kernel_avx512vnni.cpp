@@ -204,7 +204,10 @@ constexpr int kCMR = 8, kCNB = 3;
 void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
   const DirectEpi e(d);
   const std::ptrdiff_t plane = d.L * 4;
+  DirectRow rowc[kCMR];
   for (int oc = oc0; oc < oc1; oc += kCMR) {
+    const int nrows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
+    for (int r = 0; r < nrows; ++r) rowc[r] = direct_row(e, oc + r);  // once per channel block
     for (int q = q0; q < q1; q += 16 * kCNB) {
       __m512i c[kCMR][kCNB];
 #pragma GCC unroll 8
@@ -231,10 +234,8 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
         }
       }
       const int rows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
-      for (int r = 0; r < rows; ++r) {
-        const DirectRow row = direct_row(e, oc + r);
-        for (int j = 0; j < kCNB; ++j) direct_finish16(e, row, q + 16 * j, c[r][j]);
-      }
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < kCNB; ++j) direct_finish16(e, rowc[r], q + 16 * j, c[r][j]);
     }
   }
 }

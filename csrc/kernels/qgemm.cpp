@@ -117,6 +117,7 @@ void gemm_task(void* data, std::size_t i) {
   std::vector<std::int32_t> zp(mc), rsum(B.wzp.empty() ? 0 : mc);
   std::vector<float> scale(mc);
   const int panel_cols = o.NR * o.NB;
+  int zeroed_rows = 0;  // buffer rows whose K padding is zero
   if (o.task_begin) o.task_begin();
   for (int m0 = row0; m0 < row1; m0 += mc) {
     const int mb = std::min(mc, row1 - m0);
@@ -125,9 +126,13 @@ void gemm_task(void* data, std::size_t i) {
     if (nfull < mb) {
       const int rows = mb - nfull;
       std::uint8_t* buf = abuf.get();
-      // The fill writes bytes [0, K) of each row; zero the K padding and the tile's spare rows.
-      if (lda > B.K_)
-        for (int r = 0; r < rows; ++r) std::memset(buf + static_cast<std::size_t>(r) * lda + B.K_, 0, lda - B.K_);
+      // The fill writes bytes [0, K) of each row; zero the K padding (once per buffer row: no fill
+      // writes there, and a memset call per row of each block was a quarter of a 3-channel stem)
+      // and the tile's spare rows.
+      if (lda > B.K_ && rows > zeroed_rows) {
+        std::memset(buf + static_cast<std::size_t>(zeroed_rows) * lda, 0, static_cast<std::size_t>(rows - zeroed_rows) * lda);
+        zeroed_rows = rows;
+      }
       const int rpad = round_up(rows, o.MR);
       if (rpad > rows) std::memset(buf + static_cast<std::size_t>(rows) * lda, 0, static_cast<std::size_t>(rpad - rows) * lda);
       job.src.fill(job.src.ctx, m0 + nfull, rows, buf, lda, zp.data() + nfull, scale.data() + nfull);

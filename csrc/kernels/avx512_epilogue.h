@@ -265,7 +265,7 @@ static inline void transposed_tile(const std::int32_t* acc, int ld, const Tile& 
 
 // The direct conv's output stage parameters, copied out of DirectConv into a local of the task:
 // with u8 output every store may alias any object (a char type), so fields read through a
-// reference were re-loaded after each store (the stage cost 3x the tile multiplies of a 1x1 conv).
+// reference were re-loaded after each store (VNNI 32->64 1x1 @112, u8 out: 442 -> 378 us).
 struct DirectEpi {
   int nq, Wp, OW, OH;
   std::ptrdiff_t oplane;

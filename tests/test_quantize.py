@@ -420,7 +420,7 @@ def test_entropy_range_clips_outliers():
 def test_int8_preset_picks_static_or_dynamic(cnn):
     model, xcal, xte, _ = cnn
     assert onnxopt.list_presets()["int8"] == ["default", "import_qdq", "quantize_auto", "quantize_embeddings",
-                                              "fuse_qconv_residual", "chain_qconv_u8"]
+                                              "fuse_qconv_residual", "chain_qconv_u8", "avoid_skip_layernorm"]
     auto = [p for p in base.resolve(["int8"]) if p.name == "quantize_auto"][0]
     assert auto.options["autotune"] is True and auto.options["tolerance"]  # the preset guards int8
     # same pipeline without the timing guard, so the choice of path is deterministic here

@@ -99,7 +99,7 @@ def test_optimize_int8_with_npz_calibration(tmp_path, capsys):
 
     rng = np.random.default_rng(0)
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=rng.standard_normal((6, 3, 32, 32)).astype(np.float32))
+    np.savez(calib, input=rng.standard_normal((6, 3, 64, 64)).astype(np.float32))
     out = tmp_path / "q.onnx"
     assert main(["optimize", EXAMPLE, "-o", str(out), "--passes", "int8", "--calibration", str(calib),
                  "--calibration-batch", "2", "--target", "onnxruntime", "--no-autotune", "--verify",

@@ -95,11 +95,15 @@ def test_measure_really_times_onnxruntime():
     assert fused > 0 and unfused > 0
 
 
-def test_only_layernorms_fed_by_an_add_are_touched():
+def test_only_layernorms_fed_by_a_residual_add_are_touched():
     m = encoder_like()
     m.graph.node[0].op_type = "Mul"  # the first LayerNorm's input is no longer an Add
     q = onnxopt.optimize(m, [onnxopt.get_pass("avoid_skip_layernorm", measure=False)])
     assert ops(q).count("Sum") == 1 and ops(q).count("Mul") == 1
+    m = encoder_like()
+    m.graph.node[3].input[1] = "b"  # h + constant: a bias add (MatMul + bias fusions need it as Add)
+    q = onnxopt.optimize(m, [onnxopt.get_pass("avoid_skip_layernorm", measure=False)])
+    assert ops(q).count("Sum") == 1 and ops(q).count("Add") == 1
 
 
 @pytest.mark.parametrize("bad", [dict(measure=1), dict(min_speedup=0.5), dict(min_speedup="2")])

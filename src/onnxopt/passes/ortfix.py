@@ -63,7 +63,9 @@ def _time_pair(d: int, rows: int, runs: int = 200) -> Tuple[float, float]:
 
 
 def _candidates(graph: gs.Graph):
-    """(Add node, LayerNormalization node) pairs: an Add of two tensors feeding a LayerNormalization's X."""
+    """(Add node, LayerNormalization node) pairs: an Add of two computed tensors (a residual join, not
+    a bias: a constant operand stays an Add, so MatMul + bias fusions still see it) feeding a
+    LayerNormalization's X."""
     for ln in graph.nodes:
         if ln.op != "LayerNormalization" or not is_default_domain(ln) or not ln.inputs:
             continue
@@ -71,7 +73,8 @@ def _candidates(graph: gs.Graph):
         if len(x.inputs) != 1:
             continue
         add = x.inputs[0]
-        if add.op == "Add" and is_default_domain(add) and len(add.inputs) == 2:
+        if (add.op == "Add" and is_default_domain(add) and len(add.inputs) == 2
+                and not any(isinstance(t, gs.Constant) for t in add.inputs)):
             yield add, ln
 
 

@@ -4,8 +4,8 @@
 // (or go back to the OS by heap trimming), so every call paid for zero-filling fresh pages: on
 // MobileNet's 32 -> 64 1x1 conv at 112x112 (an 800 KB packed image) the same node took 410 us or
 // 660 us depending on what ran around it. Freed blocks are now kept by the freeing thread and
-// handed out again by size; the cache is bounded (kMaxBlocks, kMaxBytes) and emptied when the
-// thread exits.
+// handed out again by size; the cache is bounded (kMaxBlocks, kMaxBytes per thread) and emptied
+// when the thread exits.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -19,8 +19,8 @@ namespace {
 
 constexpr std::size_t kHeader = 64;               // keeps the payload 64-byte aligned
 constexpr std::size_t kCacheFrom = 64 * 1024;     // smaller blocks go straight back to the heap
-constexpr int kMaxBlocks = 8;
-constexpr std::size_t kMaxBytes = 64u << 20;
+constexpr int kMaxBlocks = 6;
+constexpr std::size_t kMaxBytes = 16u << 20;  // per thread
 
 struct Block {
   void* raw;
@@ -31,12 +31,19 @@ std::size_t& cap_of(void* payload) { return *reinterpret_cast<std::size_t*>(stat
 
 void release(void* raw) { ::operator delete(raw, std::align_val_t(64)); }
 
+// Set when this thread's cache is destroyed (thread exit; for the main thread before static
+// objects, which may still free scratch): from then on blocks go straight back to the heap.
+thread_local bool cache_gone = false;
+
 struct Cache {
   Block blocks[kMaxBlocks];
   int n = 0;
   std::size_t bytes = 0;
   ~Cache() {
     for (int i = 0; i < n; ++i) release(blocks[i].raw);
+    n = 0;
+    bytes = 0;
+    cache_gone = true;
   }
   void* take(std::size_t want) {  // the smallest cached block that fits, or null
     int best = -1;
@@ -71,7 +78,7 @@ thread_local Cache cache;
 }  // namespace
 
 void* scratch_alloc(std::size_t bytes) {
-  if (bytes >= kCacheFrom) {
+  if (bytes >= kCacheFrom && !cache_gone) {
     // round up so that blocks of nearby sizes (images of one layer shape) are interchangeable
     bytes = (bytes + 4095) / 4096 * 4096;
     if (void* raw = cache.take(bytes)) return static_cast<char*>(raw) + kHeader;
@@ -86,7 +93,7 @@ void scratch_free(void* payload) {
   if (!payload) return;
   void* raw = static_cast<char*>(payload) - kHeader;
   const std::size_t cap = cap_of(payload);
-  if (cap >= kCacheFrom)
+  if (cap >= kCacheFrom && !cache_gone)
     cache.put(raw, cap);
   else
     release(raw);

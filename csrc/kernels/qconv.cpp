@@ -886,8 +886,10 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
       par(depthwise_task, static_cast<std::size_t>((p.C + job.per_task - 1) / job.per_task), &job);
       continue;
     }
-    ImagePrep prep{&c, xp.get(), xplanes.get(), H, W, Hp, Wp, direct, worth_a_region(par, in_img) ? par : Parallel{}};
     const bool one_region = hide && p.group == 1 && !c.R;
+    // (inside run_after the preparation is one slot's serial work: no nested region)
+    ImagePrep prep{&c, xp.get(), xplanes.get(), H, W, Hp, Wp, direct,
+                   !one_region && worth_a_region(par, in_img) ? par : Parallel{}};
     if (!one_region) prepare_image(&prep);
     for (int g = 0; g < p.group; ++g) {
       ConvCtx cg = c;

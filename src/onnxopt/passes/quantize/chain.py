@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import Pass, PassContext, PassOptionError, register_pass
-from .common import DOMAIN
+from .common import DOMAIN, set_optional_input
 
 _X_SCALE, _X_ZP, _Y_SCALE, _Y_ZP = 4, 5, 7, 8
 
@@ -56,22 +56,15 @@ def _zero_point(node: gs.Node) -> gs.Constant:
     z = _const(node, _X_ZP)
     if z is None:
         z = gs.Constant(f"{node.name}_x_zero_point_u8", np.zeros((), np.uint8))
-        while len(node.inputs) < _X_ZP:
-            node.inputs.append(gs.Variable.empty())
-        if len(node.inputs) == _X_ZP:
-            node.inputs.append(z)
-        else:
-            node.inputs[_X_ZP] = z
+        set_optional_input(node, _X_ZP, z)
     return z
 
 
 def _set_output_quant(a: gs.Node, b: gs.Node) -> None:
     """a's uint8 output is quantized with b's input parameters (QConv inputs 7 and 8)."""
-    while len(a.inputs) > _Y_SCALE:
+    while len(a.inputs) > _Y_SCALE:  # (graphsurgeon's input lists take no slice deletion)
         a.inputs.pop()
-    while len(a.inputs) < _Y_SCALE:
-        a.inputs.append(gs.Variable.empty())
-    a.inputs.append(b.inputs[_X_SCALE])
+    set_optional_input(a, _Y_SCALE, b.inputs[_X_SCALE])
     a.inputs.append(_zero_point(b))
 
 

@@ -113,6 +113,16 @@ class Site:
         return self.weight.shape[1] if self.kind == "gemm" else self.weight.shape[0]
 
 
+def set_optional_input(node: gs.Node, i: int, t: gs.Tensor) -> None:
+    """Put t at input position i, padding skipped optional inputs with empty names."""
+    while len(node.inputs) < i:
+        node.inputs.append(gs.Variable.empty())
+    if len(node.inputs) == i:
+        node.inputs.append(t)
+    else:
+        node.inputs[i] = t
+
+
 def _float32(t: gs.Tensor) -> bool:
     d = t.dtype
     try:

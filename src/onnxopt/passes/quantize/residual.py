@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import Pass, PassContext, register_pass
-from .common import DOMAIN
+from .common import DOMAIN, set_optional_input
 
 _RESIDUAL = 6  # QConv's input index of the residual
 
@@ -115,12 +115,7 @@ class FuseQConvResidual(Pass):
             if act != "none":
                 out = nxt.outputs[0]
                 nxt.outputs.clear()
-        while len(conv.inputs) < _RESIDUAL:
-            conv.inputs.append(gs.Variable.empty())
-        if len(conv.inputs) == _RESIDUAL:
-            conv.inputs.append(r)
-        else:
-            conv.inputs[_RESIDUAL] = r
+        set_optional_input(conv, _RESIDUAL, r)
         conv.attrs["activation"] = act
         if clip is not None:
             conv.attrs["clip_min"], conv.attrs["clip_max"] = float(clip[0]), float(clip[1])

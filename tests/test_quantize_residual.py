@@ -92,6 +92,25 @@ def test_residual_and_activation_fused_bit_exact(tail):
     assert [o.name for o in fused.graph.output] == ["y"]
 
 
+def test_opset10_clip_attributes_are_the_fused_bounds():
+    """Clip before opset 11 carries min/max as attributes: those are the bounds fused into the QConv
+    (they were read as +-inf from the absent inputs, and the clip was lost)."""
+    m = residual_net("relu")
+    tail = next(n for n in m.graph.node if n.name == "relu2")
+    tail.op_type = "Clip"
+    tail.attribute.extend([helper.make_attribute("min", -0.5), helper.make_attribute("max", 2.0)])
+    m.opset_import[0].version = 10
+    q = quantized(m)
+    fused = onnxopt.optimize(q, ["fuse_qconv_residual"])
+    conv = [n for n in qconvs(fused) if len(n.input) > 6 and n.input[6]]
+    assert len(conv) == 1 and act_of(conv[0]) == "clip"
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv[0].attribute}
+    assert (attrs["clip_min"], attrs["clip_max"]) == (-0.5, 2.0)
+    x = np.random.default_rng(5).standard_normal((3, 8, 10, 10)).astype(F32)
+    a, b = run(q, x)[0], run(fused, x)[0]
+    assert np.array_equal(a.view(np.int32), b.view(np.int32)) and b.max() <= 2.0
+
+
 def test_both_inputs_qconv_downsample_shortcut():
     q = quantized(residual_net("relu", downsample=True))
     assert len(qconvs(q)) == 3

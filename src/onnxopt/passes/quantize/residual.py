@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import Pass, PassContext, register_pass
-from .common import DOMAIN, set_optional_input
+from .common import DOMAIN, _clip_bounds, set_optional_input
 
 _RESIDUAL = 6  # QConv's input index of the residual
 
@@ -25,14 +25,6 @@ def _activation(node: gs.Node) -> str:
     if isinstance(act, bytes):
         act = act.decode()
     return {0: "none", 1: "relu", 2: "clip"}.get(act, act) if not isinstance(act, str) else act
-
-
-def _const_scalar(t) -> Optional[float]:
-    if isinstance(t, gs.Constant):
-        v = np.asarray(t.values)
-        if v.size == 1 and v.dtype.kind == "f":
-            return float(v.reshape(-1)[0])
-    return None
 
 
 def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
@@ -79,7 +71,7 @@ class FuseQConvResidual(Pass):
                 r = add.inputs[1 - i]
                 if not (_float32(r) and _same_shape(add.inputs[i], r) and _same_shape(y, r)):
                     continue
-                self._fuse(conv, add, r, outputs)
+                self._fuse(conv, add, r, outputs, ctx)
                 fused += 1
                 break
         if fused:
@@ -100,7 +92,7 @@ class FuseQConvResidual(Pass):
         return conv
 
     @staticmethod
-    def _fuse(conv: gs.Node, add: gs.Node, r: gs.Tensor, outputs) -> None:
+    def _fuse(conv: gs.Node, add: gs.Node, r: gs.Tensor, outputs, ctx: PassContext) -> None:
         out = add.outputs[0]
         act, clip = "none", None
         if len(out.outputs) == 1 and id(out) not in outputs:
@@ -108,10 +100,9 @@ class FuseQConvResidual(Pass):
             if nxt.op == "Relu" and len(nxt.inputs) == 1:
                 act = "relu"
             elif nxt.op == "Clip" and 1 <= len(nxt.inputs) <= 3 and nxt.inputs[0] is out:
-                lo = _const_scalar(nxt.inputs[1]) if len(nxt.inputs) > 1 and nxt.inputs[1].name else -np.inf
-                hi = _const_scalar(nxt.inputs[2]) if len(nxt.inputs) > 2 and nxt.inputs[2].name else np.inf
-                if lo is not None and hi is not None:
-                    act, clip = "clip", (lo, hi)
+                clip = _clip_bounds(ctx, nxt)  # inputs (opset 11+) or min/max attributes (opset < 11)
+                if clip is not None:
+                    act = "clip"
             if act != "none":
                 out = nxt.outputs[0]
                 nxt.outputs.clear()

@@ -47,3 +47,12 @@ def assert_equivalent(original, optimized, feeds=None, rtol=1e-4, atol=1e-5, see
     problem = verify.compare(ref, got, rtol=rtol, atol=atol)
     assert problem is None, problem
     return ref, got
+
+
+def check_valid(original, out):
+    """out passes the full checker and keeps the original's graph inputs and outputs (names, types)."""
+    onnx.checker.check_model(out, full_check=True)
+    for field in ("input", "output"):
+        a, b = getattr(original.graph, field), getattr(out.graph, field)
+        assert [v.name for v in a] == [v.name for v in b]
+        assert [v.type for v in a] == [v.type for v in b]

@@ -12,7 +12,7 @@ from onnxopt.passes import base
 from onnxopt import runtime, verify
 from onnxopt.passes.quantize import common
 
-from .helpers import init, make_model, vi
+from .helpers import check_valid, init, make_model, vi
 from .test_ortops_ref import qgemm_ref
 
 F32 = np.float32
@@ -57,14 +57,6 @@ def run_int8(model, feeds):
 def cosine(a, b):
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def check_valid(original, quantized):
-    onnx.checker.check_model(quantized, full_check=True)
-    for field in ("input", "output"):
-        a, b = getattr(original.graph, field), getattr(quantized.graph, field)
-        assert [v.name for v in a] == [v.name for v in b]
-        assert [v.type for v in a] == [v.type for v in b]
 
 
 def mlp(seed=0, k=64, n=96, rank3=True, bias=True, relu=True):

@@ -10,7 +10,6 @@ rounding. So every gathered element is within s[v] * (0.5 + 2e-5) of the float o
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -18,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxopt
 from onnxopt.passes import base
 
-from .helpers import init, make_model, vi
+from .helpers import check_valid, init, make_model, vi
 
 F32 = np.float32
 SLACK = 2e-5  # float32 rounding, in units of s[v] (see the module docstring)
@@ -42,14 +41,6 @@ def inits(model):
 def run(model, feeds):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
-
-
-def check_valid(original, out):
-    onnx.checker.check_model(out, full_check=True)
-    for field in ("input", "output"):
-        a, b = getattr(original.graph, field), getattr(out.graph, field)
-        assert [v.name for v in a] == [v.name for v in b]
-        assert [v.type for v in a] == [v.type for v in b]
 
 
 def assert_within_half_step(ref, got, step):

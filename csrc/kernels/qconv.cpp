@@ -734,7 +734,7 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
   // 8M MACs stay on the calling thread.
   const std::size_t img_elems = static_cast<std::size_t>(p.C) * H * W;
   const bool hide = !par_in.cheap_wake && par_in.run && par_in.degree > 1 && p.group == 1 && x_scale != nullptr &&
-                    !(p.C / p.group == 1) && img_elems < (std::size_t{1} << 20);
+                    p.C > 1 && img_elems < (std::size_t{1} << 20);  // (C = 1: the depthwise path)
   const Parallel par = (!par_in.cheap_wake && conv_macs < (hide ? (1LL << 23) : (1LL << 26))) ? Parallel{} : par_in;
   const int OH = conv_out_dim(H, p.kH, p.stride_h, p.dil_h, p.pad_top, p.pad_bottom);
   const int OW = conv_out_dim(W, p.kW, p.stride_w, p.dil_w, p.pad_left, p.pad_right);

@@ -20,6 +20,12 @@ import onnxruntime as ort
 from . import ir
 from .runtime import DOMAIN, InferenceSession
 
+# What running a model can raise: onnxruntime's errors (not RuntimeError subclasses), the Python
+# fallback ops' ValueError, onnx's checker.
+RUN_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+              ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.RuntimeException,
+              ort.capi.onnxruntime_pybind11_state.NotImplemented, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+              RuntimeError, ValueError, onnx.checker.ValidationError)
 SPINNING_KEY = "session.intra_op.allow_spinning"
 OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

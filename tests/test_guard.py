@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -77,7 +78,7 @@ def cosine(a, b):
 
 
 def pays(models, feeds):  # a fake timer: int8 twice as fast everywhere
-    return [1.0, 0.5]
+    return [1.0] + [0.5] * (len(models) - 1)
 
 
 # ------------------------------------------------------------------------------------------ accuracy
@@ -541,3 +542,38 @@ def test_guard_times_at_onnxruntimes_defaults_unless_told(monkeypatch):
     seen.clear()
     _, report = run_auto(outlier_mlp(), feeds(1), tolerance=None, threads=1, spinning=False)
     assert set(seen) == {execution.Settings(1, False)} and "timed at 1 intra-op thread(s), spinning off" in str(report)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "auto"])
+def test_opset_11_model_through_the_guard_gives_a_valid_model(target):
+    """issue 12 cause 1: the guard raised onnxruntime's InvalidGraph ("Unrecognized attribute: axis for
+    operator DequantizeLinear") on opset 11/12 models; the output must be valid at the model's opset."""
+    from .test_quantize_chain import calib as chain_calib
+    from .test_quantize_chain import chain_net
+    model = chain_net(5)
+    model.opset_import[0].version = 11
+    q, report = run_auto(model, chain_calib(n=8), timer=pays, target=target)
+    onnx.checker.check_model(q, full_check=True)
+    assert [o.version for o in q.opset_import if o.domain == ""] == [11]
+    assert any(r["quantized"] for r in report.quantization)
+    x = np.random.default_rng(3).standard_normal((2, 8, 16, 16)).astype(np.float32)
+    got = runtime.InferenceSession(q).run(None, {"x": x})[0]
+    assert cosine(verify.run(model, {"x": x})[0], got) > 0.99
+
+
+@needs_lib
+def test_a_candidate_onnxruntime_refuses_is_dropped_with_its_reason(monkeypatch):
+    """No guard step lets an onnxruntime error escape on a model onnxruntime runs: the QDQ candidate
+    (made invalid here) is dropped, the report says why, our ops are returned."""
+    from onnxopt.passes.quantize import static
+    original = static.lower_static_ort
+
+    def broken(em, site, *a):
+        original(em, site, *a)
+        em.graph.nodes[-1].attrs["not_an_attribute"] = 1  # onnxruntime: InvalidGraph
+
+    monkeypatch.setattr(static, "lower_static_ort", broken)
+    q, report = run_targets(target_timer(lambda names: [1.0, 0.5], {"fp32": 1.0, "ours": 0.5, "qdq": 0.3}),
+                            tolerance=guard.DEFAULT_TOLERANCE)
+    assert lowering(q) == "ours"
+    assert any("onnxruntime QDQ dropped: onnxruntime failed on it" in t for _, t in report.messages)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from ... import execution, ir, runtime
+from ...errors import PassOptionError
 
 NOISE_FLOOR = 0.02  # relative spread assumed at least: differences under 2% are never evidence
 RETIMES = 2  # extra timings (pooled with the first) when a decision falls within the spread
@@ -82,7 +83,10 @@ class Clock:
             self.whole += 1
         else:
             self.single += 1
-        return [timed(t) for t in self.timer(list(models), list(feeds))]
+        got = list(self.timer(list(models), list(feeds)))
+        if len(got) != len(models):
+            raise PassOptionError(f"quantize_auto: the timer gave {len(got)} timing(s) for {len(models)} models")
+        return [timed(t) for t in got]
 
     def decide(self, models: Sequence[onnx.ModelProto], feeds: Sequence[dict],
                verdict: Callable[[List[Timed]], Optional[T]], whole: bool = True) -> Tuple[Optional[T], List[Timed]]:

@@ -41,14 +41,15 @@ class CostSearch:
         return self.tune_model(winner)
 
     def pick(self, cands: List["Plan"], t: List[Timed], final: bool = False) -> Optional[Plan]:
-        """The fastest candidate, or one not slower beyond the spread that is preferred; None (time
-        again) when any candidate is within the spread of the winner and not final."""
+        """The fastest candidate, or one not slower beyond the spread that keeps more sites or comes
+        first in PREFERENCE; None (time again) while several are within the spread and not final."""
         timed = dict(zip((p.target for p in cands), t[1:]))
         fastest = min(cands, key=lambda p: timed[p.target].median)
         ties = [p for p in cands if not_slower(timed[p.target], timed[fastest.target])]
         if len(ties) > 1 and not final:
             return None
-        return min(ties, key=lambda p: PREFERENCE.index(p.target))
+        # as fast: the one with more int8 (smaller), then the fixed order
+        return min(ties, key=lambda p: (-len(p.kept), PREFERENCE.index(p.target)))
 
     def choose_one_by_one(self, cands: List["Plan"]) -> "Plan":
         feed = self.check[0]

@@ -19,7 +19,8 @@ ops, the others as QDQ) — so one lowering that is slow on this machine throws 
    the target's model meets the tolerance.
 3. the whole candidate models are timed against each other and fp32, interleaved, at the deployment
    settings (`threads`, `spinning`; default onnxruntime's own). The fastest wins; a target within the
-   spread of the fastest is as fast (ties go to onnxruntime QDQ, then mixed, then com.onnxopt ops),
+   spread of the fastest is as fast (ties go to the one with more int8 sites, then onnxruntime QDQ,
+   then mixed, then com.onnxopt ops),
    and a difference within the spread is re-measured first (costs.Clock). When the winner is not
    `min_speedup` faster than fp32 beyond the spread (or, within the spread after re-measuring, slower
    than fp32 by the medians), its sites that saved least go back to float

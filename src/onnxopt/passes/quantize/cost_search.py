@@ -16,6 +16,9 @@ ORT_ERRORS = execution.RUN_ERRORS
 
 
 class CostSearch:
+    """Steps 1 and 3 of Guard (guard.py's doc); the per-site and whole-model decisions go through
+    costs.Clock, so a difference within the measured spread is timed again before it decides."""
+
     def choose(self, plans: List["Plan"]) -> "Plan":
         """Time the candidates whole against each other and fp32; the winner (see the module doc),
         halved down while it does not pay."""
@@ -40,7 +43,7 @@ class CostSearch:
         self.plan = winner
         return self.tune_model(winner)
 
-    def pick(self, cands: List["Plan"], t: List[Timed], final: bool = False) -> Optional[Plan]:
+    def pick(self, cands: List["Plan"], t: List[Timed], final: bool = False) -> Optional["Plan"]:
         """The fastest candidate, or one not slower beyond the spread that keeps more sites or comes
         first in PREFERENCE; None (time again) while several are within the spread and not final."""
         timed = dict(zip((p.target for p in cands), t[1:]))

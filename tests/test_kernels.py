@@ -606,3 +606,59 @@ def test_env_forces_numba_backend():
     env = dict(os.environ, ONNXOPT_KERNELS="numba")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "numba"
+
+
+# ---------------------------------------------------------------------------------- code generation
+# tools/check_codegen.py counts vpdpbusd / vpmaddwd, loop-carried zmm moves and stack stores in the
+# built library's dot-product loops: GCC 12 once put two moves around every vpdpbusd and spilled
+# accumulators inside the k-loop (half the speed on Zen 4) while clang did not.
+_TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+needs_objdump = pytest.mark.skipif(__import__("shutil").which("objdump") is None, reason="objdump not installed")
+
+
+def _check_codegen():
+    sys.path.insert(0, _TOOLS)
+    try:
+        import check_codegen
+    finally:
+        sys.path.remove(_TOOLS)
+    return check_codegen
+
+
+@needs_native
+@needs_objdump
+def test_hot_loops_have_no_accumulator_moves_or_spills():
+    import onnxopt._kernels as native
+
+    cg = _check_codegen()
+    found = cg.loops(cg._objdump(native.__file__))
+    big = [lp for lp in found if lp["dots"] >= 16]  # GEMM and direct-conv micro-tiles
+    assert big, "no GEMM micro-kernel loop found in the built module"
+    assert max(lp["dots"] for lp in found) >= 24  # the 6x4 GEMM tile / 8x3 direct-conv tile
+    assert all(lp["spills"] == 0 for lp in found), [lp for lp in found if lp["spills"]]
+    assert all(lp["moves"] == 0 for lp in big), [lp for lp in big if lp["moves"]]
+    assert all(lp["moves"] <= 0.25 * lp["dots"] for lp in found)
+
+
+_BAD_LOOP = """
+0000000000001000 <kernel>:
+    1000:	vmovdqa64 (%rcx),%zmm4
+    1006:	vpbroadcastd (%rdx),%zmm0
+    100c:	vmovdqa32 %zmm31,%zmm6
+    1012:	vpdpbusd %zmm4,%zmm0,%zmm6
+    1018:	vmovdqa32 %zmm6,0x3c8(%rsp)
+    1020:	vmovdqa64 %zmm6,%zmm31
+    1026:	vmovdqa32 %zmm12,%zmm7
+    102c:	vpdpbusd 0x40(%rsp),%zmm0,%zmm7
+    1032:	cmp    %esi,%edi
+    1034:	jg     1000 <kernel+0x0>
+    103a:	ret
+"""
+
+
+def test_codegen_check_flags_moves_and_spills():
+    cg = _check_codegen()
+    (lp,) = cg.loops(cg.parse_objdump(_BAD_LOOP))
+    # zmm31 -> zmm6 copies the loop-carried accumulator (zmm31 is written back in the loop); the
+    # copy of zmm12 (never written in the loop) is an initialisation, not counted
+    assert (lp["dots"], lp["moves"], lp["spills"], lp["reloads"]) == (2, 2, 1, 1)

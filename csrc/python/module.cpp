@@ -448,6 +448,15 @@ PYBIND11_MODULE(_kernels, m) {
 
   m.def("info", &info);
   m.def("estimate_ghz", &estimate_ghz, "Core clock estimate in GHz (dependent add chain; for benchmarks).");
+  m.def("peak_probe_names", &onnxopt::peak_probe_names, "Throughput probes this CPU can run.");
+  m.def(
+      "peak_probe",
+      [](const std::string& name, double seconds) {
+        py::gil_scoped_release nogil;
+        return onnxopt::peak_probe(name, seconds);
+      },
+      py::arg("name"), py::arg("seconds") = 0.2,
+      "Measured throughput ceiling of one core for an instruction mix, GOP/s (a multiply-add is 2 ops).");
   m.def("set_num_threads", [](int n) { g_default_threads = n <= 0 ? static_cast<int>(std::thread::hardware_concurrency()) : n; },
         py::arg("n"));
   m.def("pack_weights", &pack_weights, py::arg("w"), py::arg("w_zp") = py::none(), py::arg("isa") = py::none());

@@ -361,6 +361,63 @@ def test_qconv2d_bit_exact(isa, ci):
         assert_bits(got, ref)
 
 
+AVX2_PARAM = [p for p in ISA_PARAMS if (p if isinstance(p, str) else p.values[0]) == "avx2"]
+
+
+@pytest.mark.parametrize("isa", AVX2_PARAM)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_qgemm_avx2_u8_kernel_bit_exact(isa, shape):
+    # 7-bit weights: no k-pair can saturate vpmaddubsw, so pack_weights picks the u8 kernel
+    rng = np.random.default_rng(7 + hash(shape) % 2**31)
+    for cfg in CONFIGS:
+        c = make_gemm_case(rng, *shape, cfg)
+        c["w"] = rng.integers(-64, 64, c["w"].shape).astype(np.int8)
+        pw = K.pack_weights(c["w"], c["w_zp"], isa=isa)
+        assert pw.native().kernel == "avx2-u8"
+        assert_bits(run_qgemm(c, pw, backend="native"), ref_of(c))
+
+
+@pytest.mark.parametrize("isa", AVX2_PARAM)
+def test_avx2_kernel_choice_at_the_int16_boundary(isa):
+    # k-pairs summing to +-128 (255 * 128 = 32640 fits int16) keep the u8 kernel; one pair past it
+    # anywhere (odd K: the last row pairs with a zero) selects the widened kernel; both exact with
+    # all activations at 255 (and at 0 / 255 alternating)
+    Kd, N = 33, 19
+    a = np.full((7, Kd), 255, np.uint8)
+    a[1] = 0
+    a[2, ::2] = 0
+    for pair, kernel in (((127, 1), "avx2-u8"), ((-128, 0), "avx2-u8"), ((-64, -64), "avx2-u8"),
+                         ((100, 28), "avx2-u8"), ((127, 2), "avx2-s16"), ((-128, -1), "avx2-s16"),
+                         ((-65, -64), "avx2-s16")):
+        w = np.zeros((Kd, N), np.int8)
+        w[0:32:2, :] = pair[0]
+        w[1:32:2, :] = pair[1]
+        w[32, :] = -128  # pairs with the zero padding
+        w[:, 3] = np.resize(np.array([64, -64, 63, -63], np.int8), Kd)
+        pw = K.pack_weights(w, isa=isa)
+        assert pw.native().kernel == kernel, pair
+        got = K.qgemm_u8(a, np.uint8(0), F32(1), pw, F32(1))
+        assert np.array_equal(got, (a.astype(np.int64) @ w.astype(np.int64)).astype(F32)), pair
+    w = np.zeros((Kd, N), np.int8)
+    w[0:32:2, :], w[1:32:2, :] = 64, 64
+    w[4, 7], w[5, 7] = 127, 2  # one column, one pair past the bound
+    assert K.pack_weights(w, isa=isa).native().kernel == "avx2-s16"
+
+
+@pytest.mark.parametrize("isa", AVX2_PARAM)
+@pytest.mark.parametrize("ci", range(len(CONV_CASES)))
+def test_qconv2d_avx2_u8_kernel_bit_exact(isa, ci):
+    cs = CONV_CASES[ci]
+    rng = np.random.default_rng(300 + ci)
+    x, w, ws, bias = make_conv_case(rng, cs)
+    w = rng.integers(-64, 64, w.shape).astype(np.int8)
+    pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"], isa=isa)
+    for act, clip, b, xs in (("none", None, None, None), ("clip", (-0.5, 0.8), bias, 0.04)):
+        got = K.qconv2d(x, pc, ws, b, act, clip, x_scale=xs, x_zp=None if xs is None else 120, backend="native")
+        ref = ref_qconv(x, w, ws, b, cs["group"], cs["strides"], cs["pads"], cs["dil"], act, clip, xs, 120)
+        assert_bits(got, ref)
+
+
 def ref_residual(y, r, act, clip):
     v = (y + r).astype(F32)
     if act == "relu":

@@ -420,6 +420,7 @@ const IsaOps& ops_avx512vnni() {
   static const IsaOps ops = [] {
     IsaOps o{Isa::Avx512Vnni, avx512_isa::kMR, avx512_isa::kNR, avx512_isa::kNB, avx512_isa::kKR, 1,
              avx512_isa::tile, avx512_isa::minmax, avx512_isa::quant, avx512_isa::depthwise};
+    o.kernel = "avx512vnni";
     o.conv_direct = avx512_isa::conv_direct;
     o.conv_mt = avx512_isa::kCMR;
     o.conv_qt = 16 * avx512_isa::kCNB;

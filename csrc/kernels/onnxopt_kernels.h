@@ -77,6 +77,9 @@ class PackedWeights {
   virtual int K() const = 0;
   virtual int N() const = 0;
   virtual Isa isa() const = 0;
+  // The micro-kernel the weights were packed for, e.g. "avx2-u8" (vpmaddubsw: the weights cannot
+  // saturate it) or "avx2-s16" (widened); for tests and benchmarks.
+  virtual const char* kernel() const = 0;
 };
 
 std::shared_ptr<const PackedWeights> pack_weights(const std::int8_t* B, int K, int N, Isa isa,

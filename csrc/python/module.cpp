@@ -436,6 +436,7 @@ PYBIND11_MODULE(_kernels, m) {
       .def_property_readonly("K", [](const PackedW& p) { return p.w->K(); })
       .def_property_readonly("N", [](const PackedW& p) { return p.w->N(); })
       .def_property_readonly("isa", [](const PackedW& p) { return onnxopt::isa_name(p.w->isa()); })
+      .def_property_readonly("kernel", [](const PackedW& p) { return std::string(p.w->kernel()); })
       .def("__repr__", [](const PackedW& p) {
         return "<PackedWeights K=" + std::to_string(p.w->K()) + " N=" + std::to_string(p.w->N()) +
                " isa=" + onnxopt::isa_name(p.w->isa()) + ">";

@@ -220,6 +220,17 @@ py::dict info() {
   const char* env = std::getenv("ONNXOPT_ISA");
   d["requested_isa"] = env ? py::object(py::str(env)) : py::object(py::none());
   d["default_threads"] = g_default_threads;
+  // an optimized build without sanitizers: the one whose hot loops tools/check_codegen.py judges
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ONNXOPT_ASAN 1
+#endif
+#endif
+#if defined(__OPTIMIZE__) && !defined(__SANITIZE_ADDRESS__) && !defined(ONNXOPT_ASAN)
+  d["release_codegen"] = true;
+#else
+  d["release_codegen"] = false;
+#endif
   d["hardware_concurrency"] = static_cast<int>(std::thread::hardware_concurrency());
   return d;
 }

@@ -23,12 +23,14 @@ namespace avx2_isa {
 #include "isa_generic.h"
 
 constexpr int kMR = 4, kNR = 8, kNB = 2, kKR = 2;
+constexpr int kMRmax = 4;  // the most rows of either kernel's tile
 
 // Output stage of an int32 tile acc[mr][ld] (columns relative to t.n), 8 columns per step: the
 // same float operations in the same order as epilogue_generic. Row-major output is stored from
 // the vectors; other layouts element by element.
 static void epilogue_avx2(const std::int32_t* acc, int ld, const Tile& t, const Epilogue& ep) {
   const __m256i kz_step = _mm256_set1_epi32(ep.K);
+  alignas(32) float ybuf[kMRmax][8];
   for (int j = 0; j < t.ncols; j += 8) {
     const int n = t.n + j, valid = t.ncols - j < 8 ? t.ncols - j : 8;
     const __m256i vmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -72,9 +74,19 @@ static void epilogue_avx2(const std::int32_t* acc, int ld, const Tile& t, const 
       } else if (ep.ldn == 1) {
         _mm256_maskstore_ps(ep.cf + off, vmask, y);
       } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, y);
-        for (int i = 0; i < valid; ++i) store_element(tmp[i], off + static_cast<std::ptrdiff_t>(i) * ep.ldn, ep);
+        _mm256_store_ps(ybuf[r], y);
+      }
+    }
+    if (ep.ldn != 1) {
+      // transposed output (NCHW conv: column n is an output channel's plane): the tile's rows are
+      // consecutive pixels of each column
+      for (int i = 0; i < valid; ++i) {
+        const std::ptrdiff_t base = static_cast<std::ptrdiff_t>(t.m) * ep.ldm + static_cast<std::ptrdiff_t>(n + i) * ep.ldn;
+        if (ep.requant) {
+          for (int r = 0; r < t.mr; ++r) ep.cu[base + r * ep.ldm] = requantize(ybuf[r][i], ep.out_scale, ep.out_zp);
+        } else {
+          for (int r = 0; r < t.mr; ++r) ep.cf[base + r * ep.ldm] = ybuf[r][i];
+        }
       }
     }
   }
@@ -120,6 +132,7 @@ static void kernel(const Tile& t, const Epilogue& ep) {
 
 // u8 kernel: the dot products in a function of their own (see dot_tile in kernel_avx512vnni.cpp).
 constexpr int kMRu = 4, kNBu = 2, kKRu = 4;
+static_assert(kMR <= kMRmax && kMRu <= kMRmax, "epilogue_avx2 buffers kMRmax rows");
 
 template <int MR, int NB>
 [[gnu::noinline]] static void dot_tile_u8(const std::uint8_t* A, int lda, const std::int8_t* B, int kg,

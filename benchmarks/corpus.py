@@ -525,6 +525,17 @@ def saves_and_loads(model, tmp: str) -> str:
             os.remove(p)
 
 
+QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
+                 "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm", "QConv", "QAttention"}
+
+
+def quantized_nodes(model) -> int:
+    """Nodes that compute in or into int8: what an int8 preset that kept everything in fp32 adds none of."""
+    from onnxopt import ir
+
+    return sum(1 for n in ir.walk_nodes(model.graph) if n.op_type in QUANTIZED_OPS or n.domain == "com.onnxopt")
+
+
 def bench_entry(entry: dict, args) -> dict:
     import onnx
     import onnxruntime as ort
@@ -590,6 +601,7 @@ def bench_entry(entry: dict, args) -> dict:
                 row["int8_within"] = row["int8_task"] >= THRESHOLDS[entry["task"]]
                 row["int8_custom_ops"] = sum(1 for n in ir.walk_nodes(q.graph) if n.domain == "com.onnxopt")
                 row["int8_qdq"] = sum(1 for n in ir.walk_nodes(q.graph) if n.op_type == "QuantizeLinear")
+                row["int8_quantized_nodes"] = quantized_nodes(q) - quantized_nodes(proto)
                 timed.append(s_q)
                 del q, report
             except Exception as e:  # noqa: BLE001
@@ -632,6 +644,8 @@ def format_row(e, r) -> str:
     if "int8_task" in r:
         fid = f"{e['task']} {r['int8_task']:.3f}{'' if r['int8_within'] else '!'} cos {r['int8_cos']:.4f}"
     size = f"{r['int8_size'] / r['size']:.2f}" if r.get("int8_size") and r.get("size") else "-"
+    if r.get("int8_quantized_nodes") == 0:
+        notes.append("int8: nothing quantized (the result is fp32)")
     saves = "/".join({"ok": "ok", None: "-"}.get(r.get(k), "NO") for k in ("default_save", "int8_save"))
     exact = {True: "yes", False: "NO", None: "-"}[r.get("default_exact")]
     cells = [e["name"], source_label(e)[:16], str(r.get("opset", "-")), "yes" if r.get("external_data") else "no",
@@ -662,14 +676,16 @@ def summary(rows, skip_int8) -> str:
              f"geomean {geomean([r['default_speedup'] for r in d]):.2f}x"]
     if not skip_int8:
         q = [r for r in rows if "int8_speedup" in r]
-        pays = [r["int8_speedup"] for r in q if r["int8_speedup"] >= 1.0 and r.get("int8_within")]
+        pays = [r["int8_speedup"] for r in q if r["int8_speedup"] >= 1.0 and r.get("int8_within")
+                and r.get("int8_quantized_nodes", 1) > 0]
         parts.append(f"int8: faster {sum(r['int8_speedup'] >= 1.0 for r in q)}, "
                      f"slower (<{NOT_SLOWER}x) {sum(r['int8_speedup'] < NOT_SLOWER for r in q)}, "
                      f"raised {sum('int8_error' in r for r in rows)}, "
                      f"within fidelity {sum(bool(r.get('int8_within')) for r in rows)}/{n}, "
+                     f"nothing quantized {sum(r.get('int8_quantized_nodes') == 0 for r in rows)}, "
                      f"onnx.save refused {sum(r.get('int8_save') not in (None, 'ok') for r in rows)}, "
                      f"geomean {geomean([r['int8_speedup'] for r in q]):.2f}x "
-                     f"({geomean(pays):.2f}x over the {len(pays)} where it pays and stays within fidelity)")
+                     f"({geomean(pays):.2f}x over the {len(pays)} where it quantized, pays and stays within fidelity)")
     crashed = sum("error" in r for r in rows)
     if crashed:
         parts.append(f"{crashed} did not run to the end")

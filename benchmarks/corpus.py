@@ -181,9 +181,10 @@ def export_torch(entry: dict, cache: Path) -> Path:
 
 
 def _external_tensors(proto):
-    from onnx.external_data_helper import _get_all_tensors
+    """Initializers whose bytes live in an external file (the exporters put nothing else there)."""
+    from onnx.external_data_helper import uses_external_data
 
-    return [t for t in _get_all_tensors(proto) if t.data_location == 1]
+    return [t for t in proto.graph.initializer if uses_external_data(t)]
 
 
 def model_path(entry: dict, cache: Path) -> Path:

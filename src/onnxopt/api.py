@@ -9,7 +9,7 @@ from typing import Iterable, Optional, Union
 import onnx
 
 from . import ir
-from .errors import CalibrationError, OptimizeError
+from .errors import CalibrationError, InvalidModelError, OptimizeError
 from .passes import base
 from .passes.base import Pass, PassContext, PassManager, Report
 
@@ -83,9 +83,25 @@ def _prepare_calibration(calibration, source: ir.Source):
     if not isinstance(calibration, (list, tuple)):
         return calibration, []  # a stream: each batch is checked when it runs
     calibration, notes = calibrate.validate_feeds(list(calibration), specs)
+    _check_runs_in_onnxruntime(source, calibration[0])
     for text in notes:
         warnings.warn(f"calibration data: {text}", RuntimeWarning, stacklevel=3)
     return calibration, notes
+
+
+def _check_runs_in_onnxruntime(source: ir.Source, feed: dict) -> None:
+    """Calibration runs the model in onnxruntime: a model it refuses is an InvalidModelError naming
+    the model, before the pipeline starts, not an onnxruntime traceback from inside a pass."""
+    from . import verify
+
+    try:
+        verify.session(source.full(), optimization="disable").run(None, feed)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"{source.where}: onnxruntime cannot run it on the calibration data: {first}") \
+            from None
 
 
 def _finite_feed(calibration):

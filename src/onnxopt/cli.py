@@ -42,8 +42,7 @@ def _configure(passes, **overrides):
 
 def cmd_optimize(args) -> int:
     from . import verify
-    from .api import optimize_lazy, save
-    from .bench import compare_models
+    from .api import _finite_feed, optimize_lazy, save
     from .passes.quantize.calibrate import load_npz_feeds
 
     if os.path.abspath(args.output) == os.path.abspath(args.model):
@@ -59,15 +58,47 @@ def cmd_optimize(args) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         result, report = optimize_lazy(source, passes=passes, calibration=calibration, verify=args.verify)
     print(report.format())
+    cmp = None
+    if not args.no_bench:  # before writing: an input onnxruntime cannot run is an error, and nothing is written
+        feeds = _finite_feed(calibration)  # real data when we have it
+        cmp = _compare([(args.model, source.full()), (None, result)], feeds, args)
     save(result, args.output)
     print(f"\nwrote {args.output}")
-    if not args.no_bench:
+    if cmp is not None:
         print()
-        feeds = calibration[0] if calibration else None  # real data when we have it
-        cmp = compare_models(source.full(), result, feeds=feeds, rounds=args.rounds, threads=args.threads,
-                             progress=True)
         print(cmp.format(("original", "optimized")))
     return 0
+
+
+def _from_onnxruntime(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def _compare(models, feeds, args):
+    """compare_models on [(user's path or None, model), ...]; onnxruntime refusing a model the user
+    gave is an InvalidModelError naming it (one that onnxopt made failing is a bug: raised as is)."""
+    from . import verify
+    from .bench import compare_models
+    from .errors import InvalidModelError
+
+    try:
+        return compare_models(models[0][1], models[1][1], feeds=feeds, rounds=args.rounds, threads=args.threads,
+                              progress=True)
+    except Exception as exc:
+        if not _from_onnxruntime(exc):
+            raise
+        for path, model in models:
+            if path is None:
+                continue
+            try:
+                sess = verify.session(model, optimization="all")
+                sess.run(None, feeds if feeds is not None else verify.make_feeds(model))
+            except Exception as own:
+                if _from_onnxruntime(own):
+                    first = str(own).strip().splitlines()[0] if str(own).strip() else type(own).__name__
+                    raise InvalidModelError(f"{path}: onnxruntime cannot run it: {first}") from None
+                raise
+        raise
 
 
 def cmd_passes(args) -> int:
@@ -117,7 +148,6 @@ def cmd_inspect(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import verify
-    from .bench import compare_models
     from .passes.quantize.calibrate import load_npz_feeds, validate_feed
 
     a = ir.load_model(args.original)
@@ -129,7 +159,7 @@ def cmd_bench(args) -> int:
         feeds = validate_feed(loaded[0], specs, 0, where=f"{args.data}")
         if [s[0] for s in verify.input_specs(b)] != [s[0] for s in specs]:
             raise OptimizeError(f"{args.optimized}: its inputs differ from {args.original}'s")
-    cmp = compare_models(a, b, feeds=feeds, rounds=args.rounds, threads=args.threads, progress=True)
+    cmp = _compare([(args.original, a), (args.optimized, b)], feeds, args)
     print(cmp.format(("original", "optimized")))
     return 0
 

@@ -172,22 +172,16 @@ def data_file_name(model_path: str) -> str:
     return name
 
 
-def current_umask() -> int:
-    """The process umask (read without changing it where the OS allows)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def publish(tmp_path: str, path: str) -> None:
-    """Give a finished temp file the mode a plain open() would have (0666 minus the umask; mkstemp
-    makes 0600) and rename it over `path` (replacing, never writing through, a link there)."""
-    os.chmod(tmp_path, 0o666 & ~current_umask())
-    os.replace(tmp_path, path)
+def create_temp(folder: str) -> Tuple[int, str]:
+    """(fd, path) of a new, empty file in `folder` for writing, created with O_EXCL (never an existing
+    file or link) and mode 0666 so the kernel applies the umask: the finished file gets the mode a
+    plain open() gives (0644 under umask 022), not mkstemp's 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | \
+        getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(folder, f".onnxopt-{secrets.token_hex(8)}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")

@@ -301,6 +301,8 @@ def _check_tensors(proto: onnx.ModelProto, base_dir: str, where: str) -> None:
         length = _check_external(t, base_dir) if t.data_location == onnx.TensorProto.EXTERNAL else None
         tensor_check.check_tensor(t, where, external_length=length)
     for g in _all_graphs(proto.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            tensor_check.check_value_type(vi, where)
         for sp in g.sparse_initializer:
             for t in (sp.values, sp.indices):
                 if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -434,19 +436,33 @@ def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from walk_nodes(g)
 
 
+_LIST_ATTRS = {onnx.AttributeProto.INTS: "ints", onnx.AttributeProto.FLOATS: "floats",
+               onnx.AttributeProto.STRINGS: "strings", onnx.AttributeProto.TENSORS: "tensors",
+               onnx.AttributeProto.GRAPHS: "graphs"}
+
+
 def _take_node_extras(graph: onnx.GraphProto, extras: dict, counter: list) -> dict:
-    """Node doc strings and metadata_props, which graphsurgeon drops, keyed by (made-unique) name."""
+    """What graphsurgeon drops or cannot carry, keyed by (made-unique) node name: doc strings,
+    metadata_props, and empty list attributes (taken off the node here: graphsurgeon cannot export an
+    empty list, it does not know its element type)."""
     names = {n.name for n in walk_nodes(graph) if n.name}
     for node in walk_nodes(graph):
         meta = list(getattr(node, "metadata_props", []))
-        if not node.doc_string and not meta:
+        empty = [a for a in node.attribute if a.type in _LIST_ATTRS and not len(getattr(a, _LIST_ATTRS[a.type]))]
+        if not node.doc_string and not meta and not empty:
             continue
         if not node.name or node.name in extras:
             while f"{node.op_type}_{counter[0]}" in names:
                 counter[0] += 1
             node.name = f"{node.op_type}_{counter[0]}"
             names.add(node.name)
-        extras[node.name] = (node.doc_string, meta)
+        kept = []
+        for a in empty:
+            copy = onnx.AttributeProto()
+            copy.CopyFrom(a)
+            kept.append(copy)
+            node.attribute.remove(a)
+        extras[node.name] = (node.doc_string, meta, kept)
     return extras
 
 
@@ -482,10 +498,12 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     if extras:
         for node in walk_nodes(model.graph):
             if node.name in extras:
-                doc, meta = extras[node.name]
+                doc, meta, empty = extras[node.name]
                 node.doc_string = doc
                 if meta:
                     node.metadata_props.extend(meta)
+                have = {a.name for a in node.attribute}
+                node.attribute.extend(a for a in empty if a.name not in have)
     if template.training_info:
         model.training_info.extend(template.training_info)
     # Graph inputs/outputs keep the source's declared types exactly (shape inference would
@@ -665,13 +683,13 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: b
         _atomic_write(path, out_dir, lambda f: _serialize_in_pieces(model, f))
         return
     data_name = _external.data_file_name(path)
-    fd, tmp_data = tempfile.mkstemp(prefix=".onnxopt-", dir=out_dir)
+    fd, tmp_data = _external.create_temp(out_dir)
     try:
         with os.fdopen(fd, "wb") as data_file:
             proto = onnx.ModelProto()
             _copy_writing_payloads(model, proto, _PayloadWriter(data_file, data_name))
         _atomic_write(path, out_dir, lambda f: f.write(proto.SerializeToString()),
-                      before_rename=lambda: _external.publish(tmp_data, os.path.join(out_dir, data_name)))
+                      before_rename=lambda: os.replace(tmp_data, os.path.join(out_dir, data_name)))
     except BaseException:
         if os.path.exists(tmp_data):
             os.unlink(tmp_data)
@@ -822,13 +840,13 @@ def _tensor_pieces(t: onnx.TensorProto):
 
 
 def _atomic_write(path: str, out_dir: str, write, before_rename=None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".onnxopt-", dir=out_dir)
+    fd, tmp = _external.create_temp(out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         if before_rename is not None:
             before_rename()
-        _external.publish(tmp, path)
+        os.replace(tmp, path)  # replaces a link at `path` instead of writing through it
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

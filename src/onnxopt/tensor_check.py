@@ -95,3 +95,23 @@ def check_tensor(t: T, where: str, external_length: Optional[int] = None) -> Non
     if have != expected:
         raise InvalidModelError(f"{where}: tensor {name!r} ({dtype_name} {list(t.dims)}) needs {expected} values "
                                 f"in {field}, it has {have}")
+
+
+def check_value_type(vi: onnx.ValueInfoProto, where: str) -> None:
+    """A declared input/output/value_info type must name a known element type (graphsurgeon and
+    onnxruntime fail on others deep inside)."""
+    t = vi.type
+    while True:  # sequences and optionals wrap a tensor type
+        kind = t.WhichOneof("value")
+        if kind == "sequence_type":
+            t = t.sequence_type.elem_type
+        elif kind == "optional_type":
+            t = t.optional_type.elem_type
+        else:
+            break
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        elem = getattr(t, kind).elem_type
+        if elem not in T.DataType.values():
+            raise InvalidModelError(f"{where}: {vi.name!r} is declared with an unknown element type {elem}")
+        if any(d.HasField("dim_value") and d.dim_value < 0 for d in getattr(t, kind).shape.dim):
+            raise InvalidModelError(f"{where}: {vi.name!r} is declared with a negative dimension")

@@ -158,3 +158,27 @@ def test_initializer_that_is_a_graph_input_stays_an_overridable_input():
     other = np.full((3, 3), 2.0, np.float32)
     assert verify.compare(verify.run(m, {"x": x, "w": other}), verify.run(out, {"x": x, "w": other})) is None
     assert verify.compare(verify.run(m, {"x": x}), verify.run(out, {"x": x})) is None
+
+
+def test_a_pass_may_give_a_large_constant_new_values():
+    """A constant of >= 1 KiB is kept aside at import (a placeholder marked EXTERNAL): new values set
+    by a pass must export inline, not as raw_data on a tensor still marked external."""
+    import onnx_graphsurgeon as gs
+
+    class Double(onnxopt.Pass):
+        name = "test_double_large_constant"
+        exact = False
+
+        def run(self, graph, ctx):
+            for t in graph.tensors().values():
+                if isinstance(t, gs.Constant) and t.values.dtype == np.float32 and not getattr(t, "_done", False):
+                    t.values, t._done = t.values * 2, True
+                    return True
+            return False
+
+    w = np.ones((16, 16), np.float32)  # 1 KiB
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 16])], [vi("y", [2, 16])],
+                   [init("w", w)])
+    out = onnxopt.optimize(m, passes=[Double()], measure_fidelity=False)
+    onnx.checker.check_model(out, full_check=True)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(out.graph.initializer[0]), 2 * w)

@@ -261,3 +261,37 @@ def test_checks_keep_valid_external_data_working(layout):
     out = onnxopt.optimize(str(path))
     assert verify.compare(verify.run(onnx.load(str(path)), {"x": np.ones((1, 16), np.float32)}),
                           verify.run(out, {"x": np.ones((1, 16), np.float32)})) is None
+
+
+# ---- the result loads in onnxruntime (the contract), or the reason is given ----------------------
+
+def test_a_model_onnxruntime_refuses_is_an_invalid_model():
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[-1, -1, -1, -1])],
+                   [vi("x", [1, 1, 4, 4])], [vi("y", [1, 1, 4, 4])], [init("w", np.ones((1, 1, 3, 3), np.float32))])
+    with pytest.raises(onnxopt.InvalidModelError, match="onnxruntime refuses the model.*pads"):
+        onnxopt.optimize(m)
+
+
+class _MakeWeightHalf(onnxopt.Pass):
+    """Test pass: turns the float weight into float16, which the float MatMul cannot take (the checker
+    does not look at types, onnxruntime does)."""
+    name = "test_make_weight_half"
+    exact = False
+
+    def run(self, graph, ctx):
+        import onnx_graphsurgeon as gs
+
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Constant) and t.values.dtype == np.float32:
+                t.values = t.values.astype(np.float16)
+                return True
+        return False
+
+
+def test_a_result_onnxruntime_refuses_gives_back_the_input_with_the_reason():
+    with pytest.warns(RuntimeWarning, match="does not load in onnxruntime"):
+        out, report = onnxopt.optimize(_model(), passes=[_MakeWeightHalf()], return_report=True,
+                                       measure_fidelity=False)
+    assert any("input is returned unchanged" in text for _, text in report.messages)
+    x = np.ones((2, 16), np.float32)
+    np.testing.assert_allclose(verify.run(out, {"x": x})[0], x @ W, rtol=1e-6)

@@ -33,8 +33,11 @@ def optimize(model: Union[ir.ModelLike, ir.Source], passes: Optional[Iterable[Un
     model onnxruntime loads. Above 2 GiB the weights stay on disk and only `onnxopt.save` can write
     it (a plain `onnx.save` stops with an error saying so).
     """
-    result, report = optimize_lazy(model, passes, calibration=calibration, verify=verify,
+    source = ir.load_source(model)
+    result, report = optimize_lazy(source, passes, calibration=calibration, verify=verify,
                                    max_iterations=max_iterations, seed=seed, measure_fidelity=measure_fidelity)
+    # before the weights come into memory: onnxruntime holds its own copy while it loads the model
+    result = _loading_in_onnxruntime(source, result, report)
     ir.materialize(result)
     return (result, report) if return_report else result
 
@@ -42,7 +45,9 @@ def optimize(model: Union[ir.ModelLike, ir.Source], passes: Optional[Iterable[Un
 def optimize_lazy(model, passes=None, *, calibration=None, verify: bool = False, max_iterations: int = 8,
                   seed: int = 0, measure_fidelity: Optional[bool] = None) -> tuple:
     """`optimize` returning (model, report) with external weights still on disk (lazy markers only
-    this process resolves): for `onnxopt.save` in the same process, which streams them."""
+    this process resolves): for `onnxopt.save` in the same process, which streams them. Unlike
+    `optimize` it does not load the result in onnxruntime (that would hold the weights in memory):
+    the CLI's before/after bench does."""
     from . import passes as _registered  # noqa: F401  (registers the built-in passes)
 
     pipeline = base.resolve(passes)
@@ -87,6 +92,42 @@ def _prepare_calibration(calibration, source: ir.Source):
     for text in notes:
         warnings.warn(f"calibration data: {text}", RuntimeWarning, stacklevel=3)
     return calibration, notes
+
+
+def _onnxruntime_refusal(model: onnx.ModelProto) -> Optional[str]:
+    """onnxruntime's first line of refusal to load `model` (written to a temp folder, weights streamed),
+    None when it loads or when it cannot be tried here (no custom-op library: not the model's fault)."""
+    import tempfile
+
+    from . import verify
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-load-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        ir.save(model, path)
+        try:
+            verify.session(path, optimization="disable")
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                return None
+            return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+def _loading_in_onnxruntime(source: ir.Source, result: onnx.ModelProto, report: Report) -> onnx.ModelProto:
+    """`result`, checked to load in onnxruntime as the contract says. When it does not: a model
+    onnxruntime refuses as input is an InvalidModelError; otherwise the optimization broke it, and the
+    input comes back unchanged with the reason in the report (a valid model never makes onnxopt fail)."""
+    refusal = _onnxruntime_refusal(result)
+    if refusal is None:
+        return result
+    original = source.full()
+    own = _onnxruntime_refusal(original)
+    if own is not None:
+        raise InvalidModelError(f"{source.where}: onnxruntime refuses the model: {own}")
+    text = f"the optimized model does not load in onnxruntime ({refusal}): the input is returned unchanged"
+    report.messages.append(("onnxruntime", text))
+    warnings.warn(f"onnxopt: {text}", RuntimeWarning, stacklevel=3)
+    return original
 
 
 def _check_runs_in_onnxruntime(source: ir.Source, feed: dict) -> None:

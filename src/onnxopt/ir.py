@@ -396,6 +396,9 @@ def import_graph(source: Union[Source, onnx.ModelProto], infer_shapes: bool = Tr
                 idx = _placeholder_index(v.tensor)
                 if idx is not None:
                     t._values = PayloadValues(v.tensor, payloads[idx], idx)
+                    # the placeholder says EXTERNAL; a pass that gives the constant new values
+                    # must export them inline (graphsurgeon would stamp EXTERNAL on raw_data)
+                    t.data_location = None
     graph.__dict__["_onnxopt_node_extras"] = extras
     graph.__dict__["_onnxopt_payloads"] = payloads
     return graph

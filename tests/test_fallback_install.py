@@ -15,8 +15,8 @@ from .test_ortops_ref import F32, assert_close_ref, qconv_model, qconv_ref, qgem
 
 @pytest.fixture
 def without_native_ops(monkeypatch):
+    # (the fallback instance is kept: it registers its ops with onnxruntime-extensions once per process)
     monkeypatch.setenv(runtime.DISABLE_ENV, "1")
-    monkeypatch.setattr(runtime, "_fallback_instance", None)
     assert runtime.custom_ops_library() is None
 
 
@@ -42,6 +42,7 @@ def test_without_the_extra_the_error_says_how_to_get_it(without_native_ops, monk
     import sys
 
     monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)
+    monkeypatch.setattr(runtime, "_fallback_instance", None)  # a new one fails at its import: registers nothing
     rng = np.random.default_rng(6)
     with pytest.raises(onnxopt.CustomOpsUnavailableError, match=r"pip install 'onnxopt\[fallback\]'"):
         onnxopt.InferenceSession(qgemm_model(*random_weights(rng, (8, 4), False), x_shape=("m", 8)))

@@ -94,37 +94,52 @@ def _prepare_calibration(calibration, source: ir.Source):
     return calibration, notes
 
 
-def _onnxruntime_refusal(model: onnx.ModelProto) -> Optional[str]:
-    """onnxruntime's first line of refusal to load `model` (written to a temp folder, weights streamed),
-    None when it loads or when it cannot be tried here (no custom-op library: not the model's fault)."""
+# onnxruntime refusing a model for what the model says (types, shapes, attributes), as opposed to
+# what this onnxruntime lacks (a kernel, a custom-op library, a locale), which says nothing of the model
+_INVALIDITY_MARKS = ("ShapeInferenceError", "TypeInferenceError", "Type Error", "INVALID_GRAPH",
+                     "This is an invalid model")
+
+
+def onnxruntime_refusal(model) -> Optional[tuple]:
+    """(first line of onnxruntime's refusal to load `model`, whether it says the model is invalid), or
+    None when it loads or cannot be tried here (no custom-op library). `model`: a ModelProto (written to
+    a temp folder, weights streamed) or a path."""
     import tempfile
 
     from . import verify
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-load-") as folder:
-        path = os.path.join(folder, "model.onnx")
-        ir.save(model, path)
+        path = model
+        if isinstance(model, onnx.ModelProto):
+            path = os.path.join(folder, "model.onnx")
+            ir.save(model, path)
         try:
-            verify.session(path, optimization="disable")
+            verify.session(path, optimization="all")  # as users load it: onnxruntime's optimizer may refuse too
         except Exception as exc:
             if not type(exc).__module__.startswith("onnxruntime"):
                 return None
-            return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return text, any(mark in text for mark in _INVALIDITY_MARKS)
     return None
 
 
 def _loading_in_onnxruntime(source: ir.Source, result: onnx.ModelProto, report: Report) -> onnx.ModelProto:
-    """`result`, checked to load in onnxruntime as the contract says. When it does not: a model
-    onnxruntime refuses as input is an InvalidModelError; otherwise the optimization broke it, and the
-    input comes back unchanged with the reason in the report (a valid model never makes onnxopt fail)."""
-    refusal = _onnxruntime_refusal(result)
+    """`result`, checked to load in onnxruntime as the contract says. When it does not: an input that
+    onnxruntime refuses as invalid is an InvalidModelError; an input it loads means the optimization
+    broke it, and the input comes back unchanged with the reason in the report (a valid model never
+    makes onnxopt fail); an input it cannot load for want of a kernel or a custom-op library leaves
+    nothing to compare with (the result is returned, the report says it was not checked)."""
+    refusal = onnxruntime_refusal(result)
     if refusal is None:
         return result
     original = source.full()
-    own = _onnxruntime_refusal(original)
+    own = onnxruntime_refusal(original)
+    if own is not None and own[1]:
+        raise InvalidModelError(f"{source.where}: onnxruntime refuses the model: {own[0]}")
     if own is not None:
-        raise InvalidModelError(f"{source.where}: onnxruntime refuses the model: {own}")
-    text = f"the optimized model does not load in onnxruntime ({refusal}): the input is returned unchanged"
+        report.messages.append(("onnxruntime", f"not checked: this onnxruntime cannot load the input either ({own[0]})"))
+        return result
+    text = f"the optimized model does not load in onnxruntime ({refusal[0]}): the input is returned unchanged"
     report.messages.append(("onnxruntime", text))
     warnings.warn(f"onnxopt: {text}", RuntimeWarning, stacklevel=3)
     return original

@@ -75,9 +75,11 @@ def _from_onnxruntime(exc: BaseException) -> bool:
 
 
 def _compare(models, feeds, args):
-    """compare_models on [(user's path or None, model), ...]; onnxruntime refusing a model the user
-    gave is an InvalidModelError naming it (one that onnxopt made failing is a bug: raised as is)."""
-    from . import verify
+    """compare_models on [(user's path or None, model), ...], or None with a note when this
+    onnxruntime cannot run a model the user gave (a kernel or custom-op library it lacks). onnxruntime
+    refusing such a model as invalid is an InvalidModelError naming it; one that onnxopt made failing
+    is a bug: raised as is."""
+    from .api import onnxruntime_refusal
     from .bench import compare_models
     from .errors import InvalidModelError
 
@@ -88,16 +90,12 @@ def _compare(models, feeds, args):
         if not _from_onnxruntime(exc):
             raise
         for path, model in models:
-            if path is None:
-                continue
-            try:
-                sess = verify.session(model, optimization="all")
-                sess.run(None, feeds if feeds is not None else verify.make_feeds(model))
-            except Exception as own:
-                if _from_onnxruntime(own):
-                    first = str(own).strip().splitlines()[0] if str(own).strip() else type(own).__name__
-                    raise InvalidModelError(f"{path}: onnxruntime cannot run it: {first}") from None
-                raise
+            refusal = onnxruntime_refusal(model) if path is not None else None
+            if refusal is not None and refusal[1]:
+                raise InvalidModelError(f"{path}: onnxruntime refuses the model: {refusal[0]}") from None
+            if refusal is not None:
+                print(f"(no before/after table: this onnxruntime cannot run {path}: {_one_line(refusal[0])})")
+                return None
         raise
 
 
@@ -160,6 +158,8 @@ def cmd_bench(args) -> int:
         if [s[0] for s in verify.input_specs(b)] != [s[0] for s in specs]:
             raise OptimizeError(f"{args.optimized}: its inputs differ from {args.original}'s")
     cmp = _compare([(args.original, a), (args.optimized, b)], feeds, args)
+    if cmp is None:
+        raise OptimizeError("nothing to compare: onnxruntime cannot run the models here")
     print(cmp.format(("original", "optimized")))
     return 0
 

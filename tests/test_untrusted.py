@@ -295,3 +295,37 @@ def test_a_result_onnxruntime_refuses_gives_back_the_input_with_the_reason():
     assert any("input is returned unchanged" in text for _, text in report.messages)
     x = np.ones((2, 16), np.float32)
     np.testing.assert_allclose(verify.run(out, {"x": x})[0], x @ W, rtol=1e-6)
+
+
+def test_a_constant_without_its_value_and_a_negative_opset_version_are_invalid():
+    m = make_model([helper.make_node("Constant", [], ["c"], value=init("v", np.ones(2, np.float32))),
+                    helper.make_node("Add", ["x", "c"], ["y"])], [vi("x", [2])], [vi("y", [2])])
+    del m.graph.node[0].attribute[:]  # onnx.checker lets it pass, onnxruntime does not
+    with pytest.raises(onnxopt.InvalidModelError, match="Constant node .* exactly one value attribute"):
+        onnxopt.optimize(m)
+    m = _model()
+    m.opset_import.append(helper.make_opsetid("com.microsoft", -1))
+    with pytest.raises(onnxopt.InvalidModelError, match="com.microsoft has version -1"):
+        onnxopt.optimize(m)
+
+
+def test_declared_types_must_be_known_and_dims_non_negative():
+    m = _model()
+    m.graph.output[0].type.tensor_type.elem_type = 99
+    with pytest.raises(onnxopt.InvalidModelError, match="'y' is declared with an unknown element type 99"):
+        onnxopt.optimize(m)
+    m = _model()
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -4
+    with pytest.raises(onnxopt.InvalidModelError, match="'x' is declared with a negative dimension"):
+        onnxopt.optimize(m)
+
+
+def test_empty_list_attributes_survive():
+    m = make_model([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], [vi("x", [2, 3])], [vi("y", [])],
+                   opset=11)
+    m.graph.node[0].attribute.append(helper.make_attribute("axes", [], attr_type=onnx.AttributeProto.INTS))
+    out = onnxopt.optimize(m, passes=[])
+    attrs = {a.name: a for a in out.graph.node[0].attribute}
+    assert attrs["axes"].type == onnx.AttributeProto.INTS and list(attrs["axes"].ints) == []
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert verify.run(out, {"x": x})[0] == 15

@@ -90,13 +90,30 @@ def _compare(models, feeds, args):
         if not _from_onnxruntime(exc):
             raise
         for path, model in models:
-            refusal = onnxruntime_refusal(model) if path is not None else None
+            if path is None:
+                continue
+            refusal = onnxruntime_refusal(model)
             if refusal is not None and refusal[1]:
                 raise InvalidModelError(f"{path}: onnxruntime refuses the model: {refusal[0]}") from None
+            if refusal is None:
+                refusal = _run_refusal(model, feeds)
             if refusal is not None:
-                print(f"(no before/after table: this onnxruntime cannot run {path}: {_one_line(refusal[0])})")
+                print(f"(no before/after table: onnxruntime cannot run {path} here: {_one_line(refusal[0])})")
                 return None
         raise
+
+
+def _run_refusal(model, feeds):
+    """(onnxruntime's first line,) when running `model` on `feeds` (generated when None) fails, else None."""
+    from . import verify
+
+    try:
+        verify.session(model, optimization="all").run(None, feeds if feeds is not None else verify.make_feeds(model))
+    except Exception as exc:
+        if _from_onnxruntime(exc):
+            return ((str(exc).strip().splitlines() or [type(exc).__name__])[0],)
+        raise
+    return None
 
 
 def cmd_passes(args) -> int:

@@ -135,6 +135,9 @@ def _check_opset(proto: onnx.ModelProto, where: str) -> None:
     default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
         raise InvalidModelError(f"{where}: model has no default-domain opset import")
+    for o in proto.opset_import:
+        if o.version < 1:
+            raise InvalidModelError(f"{where}: opset import {o.domain or 'ai.onnx'} has version {o.version}")
     if default[0] < OLDEST_OPSET:
         raise UnsupportedModelError(
             f"{where}: opset {default[0]} is too old (onnxopt needs {OLDEST_OPSET} or newer); "
@@ -295,8 +298,19 @@ def _proto_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield attr.t
 
 
+_CONSTANT_VALUES = {"value", "value_float", "value_floats", "value_int", "value_ints", "value_string",
+                    "value_strings", "sparse_value"}
+
+
 def _check_tensors(proto: onnx.ModelProto, base_dir: str, where: str) -> None:
-    """Check each tensor's payload size; turn each external reference into a checked lazy marker."""
+    """Check each tensor's payload size; turn each external reference into a checked lazy marker.
+    A Constant node must hold exactly one value (onnx.checker lets one without pass; onnxruntime not)."""
+    for node in walk_nodes(proto.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            values = [a.name for a in node.attribute if a.name in _CONSTANT_VALUES]
+            if len(values) != 1:
+                raise InvalidModelError(f"{where}: Constant node {node.name or node.output[0]!r} must hold exactly one "
+                                        f"value attribute, it has {len(values)}")
     for t in _proto_tensors(proto):
         length = _check_external(t, base_dir) if t.data_location == onnx.TensorProto.EXTERNAL else None
         tensor_check.check_tensor(t, where, external_length=length)

@@ -1,7 +1,6 @@
 """Models exported from PyTorch with both exporters (TorchScript and dynamo, the latter saved with
 external data) optimize to valid, equivalent models. Skipped when torch is not installed (the test
 command installs it)."""
-import os
 
 import numpy as np
 import onnx

@@ -329,3 +329,11 @@ def test_empty_list_attributes_survive():
     assert attrs["axes"].type == onnx.AttributeProto.INTS and list(attrs["axes"].ints) == []
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert verify.run(out, {"x": x})[0] == 15
+
+
+def test_an_opset_onnxruntime_does_not_support_is_unsupported():
+
+    m = _model()
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1000))
+    with pytest.raises(onnxopt.UnsupportedModelError, match="does not support the model's opsets"):
+        onnxopt.optimize(m)

@@ -9,7 +9,7 @@ from typing import Iterable, Optional, Union
 import onnx
 
 from . import ir
-from .errors import CalibrationError, InvalidModelError, OptimizeError
+from .errors import CalibrationError, InvalidModelError, OptimizeError, UnsupportedModelError
 from .passes import base
 from .passes.base import Pass, PassContext, PassManager, Report
 
@@ -94,16 +94,28 @@ def _prepare_calibration(calibration, source: ir.Source):
     return calibration, notes
 
 
-# onnxruntime refusing a model for what the model says (types, shapes, attributes), as opposed to
-# what this onnxruntime lacks (a kernel, a custom-op library, a locale), which says nothing of the model
-_INVALIDITY_MARKS = ("ShapeInferenceError", "TypeInferenceError", "Type Error", "INVALID_GRAPH",
-                     "This is an invalid model")
+# onnxruntime refusing a model for what the model says (types, shapes, attributes: "invalid"), for
+# an opset it does not support ("unsupported"), or for what this installation lacks (a kernel, a
+# custom-op library, a locale: "unavailable", which says nothing of the model)
+_REFUSAL_MARKS = (("invalid", ("ShapeInferenceError", "TypeInferenceError", "Type Error", "INVALID_GRAPH",
+                               "This is an invalid model")),
+                  ("unsupported", ("ValidateOpsetForDomain",)))
+
+
+def refusal_error(path: str, refusal: tuple) -> Optional[OptimizeError]:
+    """The error for an onnxruntime refusal that is the model's doing, None for an "unavailable" one."""
+    text, kind = refusal
+    if kind == "invalid":
+        return InvalidModelError(f"{path}: onnxruntime refuses the model: {text}")
+    if kind == "unsupported":
+        return UnsupportedModelError(f"{path}: this onnxruntime does not support the model's opsets: {text}")
+    return None
 
 
 def onnxruntime_refusal(model) -> Optional[tuple]:
-    """(first line of onnxruntime's refusal to load `model`, whether it says the model is invalid), or
-    None when it loads or cannot be tried here (no custom-op library). `model`: a ModelProto (written to
-    a temp folder, weights streamed) or a path."""
+    """(first line of onnxruntime's refusal to load `model`, "invalid" | "unsupported" | "unavailable"),
+    or None when it loads or cannot be tried here (no custom-op library). `model`: a ModelProto
+    (written to a temp folder, weights streamed) or a path."""
     import tempfile
 
     from . import verify
@@ -119,7 +131,8 @@ def onnxruntime_refusal(model) -> Optional[tuple]:
             if not type(exc).__module__.startswith("onnxruntime"):
                 return None
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            return text, any(mark in text for mark in _INVALIDITY_MARKS)
+            kind = next((k for k, marks in _REFUSAL_MARKS if any(m in text for m in marks)), "unavailable")
+            return text, kind
     return None
 
 
@@ -134,8 +147,9 @@ def _loading_in_onnxruntime(source: ir.Source, result: onnx.ModelProto, report: 
         return result
     original = source.full()
     own = onnxruntime_refusal(original)
-    if own is not None and own[1]:
-        raise InvalidModelError(f"{source.where}: onnxruntime refuses the model: {own[0]}")
+    error = refusal_error(source.where, own) if own is not None else None
+    if error is not None:
+        raise error
     if own is not None:
         report.messages.append(("onnxruntime", f"not checked: this onnxruntime cannot load the input either ({own[0]})"))
         return result

@@ -79,9 +79,8 @@ def _compare(models, feeds, args):
     onnxruntime cannot run a model the user gave (a kernel or custom-op library it lacks). onnxruntime
     refusing such a model as invalid is an InvalidModelError naming it; one that onnxopt made failing
     is a bug: raised as is."""
-    from .api import onnxruntime_refusal
+    from .api import onnxruntime_refusal, refusal_error
     from .bench import compare_models
-    from .errors import InvalidModelError
 
     try:
         return compare_models(models[0][1], models[1][1], feeds=feeds, rounds=args.rounds, threads=args.threads,
@@ -93,8 +92,9 @@ def _compare(models, feeds, args):
             if path is None:
                 continue
             refusal = onnxruntime_refusal(model)
-            if refusal is not None and refusal[1]:
-                raise InvalidModelError(f"{path}: onnxruntime refuses the model: {refusal[0]}") from None
+            error = refusal_error(path, refusal) if refusal is not None else None
+            if error is not None:
+                raise error from None
             if refusal is None:
                 refusal = _run_refusal(model, feeds)
             if refusal is not None:

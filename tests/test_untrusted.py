@@ -332,7 +332,6 @@ def test_empty_list_attributes_survive():
 
 
 def test_an_opset_onnxruntime_does_not_support_is_unsupported():
-
     m = _model()
     m.opset_import.append(helper.make_opsetid("com.microsoft", 1000))
     with pytest.raises(onnxopt.UnsupportedModelError, match="does not support the model's opsets"):

@@ -155,3 +155,15 @@ def test_all_nan_calibration_is_an_error_not_an_fp32_model():
     feeds = [{"x": np.full((1, 256), np.nan, np.float32)} for _ in range(4)]
     with pytest.raises(onnxopt.CalibrationError, match="no sample without NaN/Inf"):
         onnxopt.optimize(_fixed_batch_model(), passes=["int8"], calibration=feeds)
+
+
+def test_bench_inputs_too_large_for_memory_leave_out_the_table(tmp_path, capsys, monkeypatch):
+    import onnxopt.bench
+
+    def no_memory(*a, **k):
+        raise MemoryError
+    monkeypatch.setattr(onnxopt.bench, "compare_models", no_memory)
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", EXAMPLE, "-o", str(out), "--rounds", "1"]) == 0
+    assert "do not fit in memory" in capsys.readouterr().out
+    assert out.exists()

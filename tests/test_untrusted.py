@@ -336,3 +336,12 @@ def test_an_opset_onnxruntime_does_not_support_is_unsupported():
     m.opset_import.append(helper.make_opsetid("com.microsoft", 1000))
     with pytest.raises(onnxopt.UnsupportedModelError, match="does not support the model's opsets"):
         onnxopt.optimize(m)
+
+
+def test_ref_attr_name_outside_a_function_is_invalid():
+    m = _model()
+    m.graph.node.append(helper.make_node("Transpose", ["y"], ["z"], perm=[1, 0]))
+    m.graph.output[0].name = "z"
+    m.graph.node[1].attribute[0].ref_attr_name = "p"
+    with pytest.raises(onnxopt.InvalidModelError, match="refers to a function attribute"):
+        onnxopt.optimize(m)

@@ -304,8 +304,13 @@ _CONSTANT_VALUES = {"value", "value_float", "value_floats", "value_int", "value_
 
 def _check_tensors(proto: onnx.ModelProto, base_dir: str, where: str) -> None:
     """Check each tensor's payload size; turn each external reference into a checked lazy marker.
-    A Constant node must hold exactly one value (onnx.checker lets one without pass; onnxruntime not)."""
+    A Constant node must hold exactly one value (onnx.checker lets one without pass; onnxruntime not);
+    ref_attr_name belongs in function bodies only."""
     for node in walk_nodes(proto.graph):
+        for a in node.attribute:
+            if a.ref_attr_name:  # graphsurgeon would read it as a reference; onnxruntime ignores it
+                raise InvalidModelError(f"{where}: attribute {a.name!r} of node {node.name or node.op_type!r} refers "
+                                        f"to a function attribute ({a.ref_attr_name!r}) outside a function")
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             values = [a.name for a in node.attribute if a.name in _CONSTANT_VALUES]
             if len(values) != 1:

@@ -8,9 +8,10 @@ is caught. Offsets and lengths must lie inside the file. Messages read like onnx
 both an `onnxopt.InvalidModelError` and an `onnx.checker.ValidationError`.
 
 onnxopt keeps weights lazy: a checked tensor is referred to by a *marker* location
-("/onnxopt-lazy/<token>/...") that only this process can resolve (the token maps to a checked file
-in `_CHECKED`). A marker is an absolute path on purpose: onnx and onnxruntime refuse it, so a lazy
-reference can never silently become a file that points somewhere else.
+("/onnxopt-lazy/<token> (... write this model with onnxopt.save)") that only this process can
+resolve (the token maps to a checked file in `_CHECKED`; a marker from anywhere else is refused). A
+marker is an absolute path on purpose: onnx and onnxruntime refuse it, so a lazy reference can never
+silently become a file that points somewhere else, and onnx's error quotes the way out.
 
 Writing never follows anything that exists: data goes to a fresh temp file in the output folder
 (O_EXCL) and is renamed over the destination, which replaces a symbolic or hard link instead of

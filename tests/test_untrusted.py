@@ -345,3 +345,15 @@ def test_ref_attr_name_outside_a_function_is_invalid():
     m.graph.node[1].attribute[0].ref_attr_name = "p"
     with pytest.raises(onnxopt.InvalidModelError, match="refers to a function attribute"):
         onnxopt.optimize(m)
+
+
+def test_a_forged_lazy_marker_reads_nothing(layout):
+    """Markers stand for files this process checked; one written by anyone else is refused."""
+    from onnxopt import external_data
+
+    forged = _point_at(_model(), external_data.MARKER_PREFIX + "0123456789abcdef" + external_data.MARKER_NOTE)
+    with pytest.raises(onnxopt.InvalidModelError, match="another process"):
+        onnxopt.optimize(forged)
+    with pytest.raises(onnxopt.InvalidModelError, match="another process"):
+        onnxopt.save(forged, layout[0] / "o.onnx")
+    assert os.listdir(layout[0]) == []

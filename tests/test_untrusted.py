@@ -315,6 +315,10 @@ def test_declared_types_must_be_known_and_dims_non_negative():
     with pytest.raises(onnxopt.InvalidModelError, match="'y' is declared with an unknown element type 99"):
         onnxopt.optimize(m)
     m = _model()
+    m.graph.output[0].type.tensor_type.elem_type = 0  # UNDEFINED: onnxruntime refuses it
+    with pytest.raises(onnxopt.InvalidModelError, match="'y' is declared with an unknown element type 0"):
+        onnxopt.optimize(m)
+    m = _model()
     m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -4
     with pytest.raises(onnxopt.InvalidModelError, match="'x' is declared with a negative dimension"):
         onnxopt.optimize(m)

@@ -98,7 +98,7 @@ def _prepare_calibration(calibration, source: ir.Source):
 # an opset it does not support ("unsupported"), or for what this installation lacks (a kernel, a
 # custom-op library, a locale: "unavailable", which says nothing of the model)
 _REFUSAL_MARKS = (("invalid", ("ShapeInferenceError", "TypeInferenceError", "Type Error", "INVALID_GRAPH",
-                               "This is an invalid model")),
+                               "This is an invalid model", "Invalid tensor data type")),
                   ("unsupported", ("ValidateOpsetForDomain",)))
 
 

@@ -231,7 +231,7 @@ def test_bad_shapes_give_clear_errors():
     sess = plain_session(model)
     with pytest.raises(Exception, match="last dimension must be K = 8"):
         sess.run(None, {"X": np.zeros((2, 7), F32)})
-    with pytest.raises(Exception, match="w_scale must have 1 or N = 4"):
+    with pytest.raises(Exception, match=r"w_scale must have shape \[\], \[1\] or \[4\] \(N = 4\)"):
         plain_session(qgemm_model(w, np.ones(3, F32), x_shape=("m", 8)))
     with pytest.raises(Exception, match="activation must be"):
         plain_session(qgemm_model(w, ws, x_shape=("m", 8), activation="gelu"))
@@ -243,6 +243,55 @@ def test_bad_shapes_give_clear_errors():
         csess.run(None, {"X": np.zeros((1, 3, 5, 5), F32)})
     with pytest.raises(Exception, match="smaller than the dilated kernel"):
         csess.run(None, {"X": np.zeros((1, 2, 2, 5), F32)})
+
+
+@needs_lib
+@pytest.mark.parametrize("op", ["QGemm", "QConv"])
+def test_attributes_of_the_wrong_type_are_rejected_at_session_creation(op):
+    """A float activation used to read as absent ("none"); an int where a float is expected too."""
+    rng = np.random.default_rng(12)
+    if op == "QGemm":
+        model = qgemm_model(*random_weights(rng, (8, 4), False), x_shape=("m", 8))
+    else:
+        model = qconv_model(*random_weights(rng, (4, 2, 3, 3), False))
+    node = model.graph.node[0]
+    for attr, match in ((onnx.helper.make_attribute("activation", 1.5), "activation must be a string .* or an int"),
+                        (onnx.helper.make_attribute("clip_min", 0), "attribute clip_min must be a float")):
+        del node.attribute[:]
+        node.attribute.append(attr)
+        with pytest.raises(Exception, match=match):
+            plain_session(model)
+    if op == "QConv":
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("group", 1.0))
+        with pytest.raises(Exception, match="attribute group must be an int"):
+            plain_session(model)
+
+
+@needs_lib
+@pytest.mark.parametrize("op", ["QGemm", "QConv"])
+@pytest.mark.parametrize("which", ["w_scale", "bias"])
+def test_scale_and_bias_with_the_right_count_but_wrong_shape_are_rejected(op, which):
+    """[2, 4] has N = 8 elements but is not [N]: refused at creation (constant) and per call (fed)."""
+    rng = np.random.default_rng(13)
+    n = 8
+    if op == "QGemm":
+        w, s = random_weights(rng, (16, n), True)
+        good = dict(w_scale=s, bias=np.zeros(n, F32))
+        bad = dict(good, **{which: good[which].reshape(2, 4)})
+        model, x = qgemm_model(w, bad["w_scale"], bias=bad["bias"], x_shape=("m", 16)), np.ones((2, 16), F32)
+    else:
+        w, s = random_weights(rng, (n, 2, 3, 3), True)
+        good = dict(w_scale=s, bias=np.zeros(n, F32))
+        bad = dict(good, **{which: good[which].reshape(2, 4)})
+        model, x = qconv_model(w, bad["w_scale"], bias=bad["bias"]), np.ones((1, 2, 5, 5), F32)
+    with pytest.raises(Exception, match=f"{which} must have shape"):
+        plain_session(model)
+    # the same tensor fed at run time (an initializer that is also a graph input is not constant)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(which, onnx.TensorProto.FLOAT, [2, 4]))
+    sess = plain_session(model)
+    with pytest.raises(Exception, match=f"{which} must have shape"):
+        sess.run(None, {"X": x})
 
 
 # ---- ONNX checker and shape inference ----------------------------------------------------------

@@ -179,7 +179,8 @@ def test_missing_both_backends_names_both_fixes(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)
     monkeypatch.setattr(runtime, "_fallback_instance", None)
     model, _ = _models()["qgemm_dynamic"]
-    with pytest.raises(runtime.CustomOpsUnavailableError, match="libonnxopt_ops.*onnxruntime-extensions"):
+    with pytest.raises(runtime.CustomOpsUnavailableError,
+                       match=r"libonnxopt_ops.*pip install 'onnxopt\[fallback\]' \(it adds onnxruntime-extensions\)"):
         runtime.InferenceSession(model)
     with pytest.raises(runtime.CustomOpsUnavailableError):
         runtime.register_custom_ops(ort.SessionOptions())

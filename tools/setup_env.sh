@@ -22,9 +22,21 @@ else
 fi
 rm -f build-headers.log
 mkdir -p build
-if ! .venv/bin/python -m pip install --disable-pip-version-check -v . >build/pip-install.log 2>&1; then
+# One wheel, built once: installed here and, by tools/test_fallback_env.sh, into a fresh venv.
+rm -rf build/wheelhouse
+if ! .venv/bin/python -m pip wheel --no-deps --disable-pip-version-check -v -w build/wheelhouse . \
+    >build/pip-install.log 2>&1; then
   tail -n 60 build/pip-install.log
-  echo "error: pip install . failed (full log: build/pip-install.log)" >&2
+  echo "error: building the onnxopt wheel failed (full log: build/pip-install.log)" >&2
+  exit 1
+fi
+wheel=$(ls build/wheelhouse/onnxopt-*.whl)
+# its dependencies, then this build of it even when the version did not change
+if ! { .venv/bin/python -m pip install -q --disable-pip-version-check "$wheel" &&
+       .venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel"; } \
+    >>build/pip-install.log 2>&1; then
+  tail -n 30 build/pip-install.log
+  echo "error: installing $wheel failed (full log: build/pip-install.log)" >&2
   exit 1
 fi
 grep -h "onnxopt native parts built\|custom-op library" build/pip-install.log | sed 's/^ *-- */build: /' | sort -u || true

@@ -75,7 +75,12 @@ void read_static_quant(OrtKernelContext* ctx, std::size_t scale_idx, std::size_t
                        const std::string& where, StaticQuant* q);
 // w_scale ([1] or [n]) into stage->w_scale / per_column, bias ([n], optional) into stage->bias.
 void read_scales_and_bias(OrtKernelContext* ctx, std::size_t scale_idx, std::size_t bias_idx, int n,
-                          const std::string& where, OutputStage* stage);
+                          const char* n_name, const std::string& where, OutputStage* stage);
+// "" when w_scale's shape is [], [1] or [n] and bias's (when given) is [n], else what is wrong.
+std::string scale_and_bias_problem(const TensorRef* w_scale, const TensorRef* bias, int n, const char* n_name);
+// Creation-time check of w_scale and bias when they are constant (per call otherwise).
+void check_constant_scale_and_bias(const NodeInfo& info, std::size_t scale_idx, std::size_t bias_idx, int n,
+                                   const char* n_name);
 // Creation-time checks of the optional inputs that have a fixed type and size.
 void check_static_inputs(const NodeInfo& info, std::size_t scale_idx, std::size_t zp_idx);
 

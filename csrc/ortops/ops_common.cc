@@ -35,20 +35,44 @@ void read_static_quant(OrtKernelContext* ctx, std::size_t scale_idx, std::size_t
   }
 }
 
+std::string scale_and_bias_problem(const TensorRef* w_scale, const TensorRef* bias, int n, const char* n_name) {
+  const std::string want_n = std::string(n_name) + " = " + std::to_string(n);
+  const std::vector<std::int64_t> column{static_cast<std::int64_t>(n)};
+  if (w_scale != nullptr) {
+    const auto& s = w_scale->shape;
+    // The element count alone would take a [2, 4] scale for N = 8 and read it as 8 columns.
+    const bool per_tensor = s.empty() || s == std::vector<std::int64_t>{1};
+    if (!per_tensor && s != column)
+      return "w_scale must have shape [], [1] or [" + std::to_string(n) + "] (" + want_n + "), got " + shape_str(s);
+  }
+  if (bias != nullptr && bias->shape != column)
+    return "bias must have shape [" + std::to_string(n) + "] (" + want_n + "), got " + shape_str(bias->shape);
+  return "";
+}
+
 void read_scales_and_bias(OrtKernelContext* ctx, std::size_t scale_idx, std::size_t bias_idx, int n,
-                          const std::string& where, OutputStage* stage) {
+                          const char* n_name, const std::string& where, OutputStage* stage) {
   TensorRef s = tensor_ref(input_or_null(ctx, scale_idx));
-  if (s.count != 1 && s.count != static_cast<std::size_t>(n))
-    fail(where, "w_scale must have 1 or " + std::to_string(n) + " elements, got shape " + shape_str(s.shape));
+  TensorRef bt;
+  const OrtValue* b = input_or_null(ctx, bias_idx);
+  if (b != nullptr) bt = tensor_ref(b);
+  const std::string problem = scale_and_bias_problem(&s, b != nullptr ? &bt : nullptr, n, n_name);
+  if (!problem.empty()) fail(where, problem);
   stage->w_scale = s.as<float>();
   stage->per_column = s.count != 1;
-  stage->bias = nullptr;
-  if (const OrtValue* b = input_or_null(ctx, bias_idx)) {
-    TensorRef bt = tensor_ref(b);
-    if (bt.count != static_cast<std::size_t>(n))
-      fail(where, "bias must have " + std::to_string(n) + " elements, got shape " + shape_str(bt.shape));
-    stage->bias = bt.as<float>();
-  }
+  stage->bias = b != nullptr ? bt.as<float>() : nullptr;
+}
+
+void check_constant_scale_and_bias(const NodeInfo& info, std::size_t scale_idx, std::size_t bias_idx, int n,
+                                   const char* n_name) {
+  const OrtValue* s = info.constant_input(scale_idx);
+  const OrtValue* b = info.constant_input(bias_idx);
+  TensorRef st, bt;
+  if (s != nullptr) st = tensor_ref(s);
+  if (b != nullptr) bt = tensor_ref(b);
+  const std::string problem =
+      scale_and_bias_problem(s != nullptr ? &st : nullptr, b != nullptr ? &bt : nullptr, n, n_name);
+  if (!problem.empty()) info.fail(problem);
 }
 
 void check_static_inputs(const NodeInfo& info, std::size_t scale_idx, std::size_t zp_idx) {

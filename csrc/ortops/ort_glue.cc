@@ -51,7 +51,7 @@ NodeInfo::NodeInfo(const OrtKernelInfo* info, const char* op_type) : info_(info)
 
 void NodeInfo::fail(const std::string& msg) const { throw OpError("onnxopt " + where_ + ": " + msg); }
 
-bool NodeInfo::get(const char* name, std::string* out) const {
+bool NodeInfo::try_get(const char* name, std::string* out) const {
   std::size_t size = 0;
   if (!ok(api().KernelInfoGetAttribute_string(info_, name, nullptr, &size))) return false;
   std::string s(size, '\0');
@@ -61,17 +61,45 @@ bool NodeInfo::get(const char* name, std::string* out) const {
   return true;
 }
 
+bool NodeInfo::try_get(const char* name, std::int64_t* out) const {
+  return ok(api().KernelInfoGetAttribute_int64(info_, name, out));
+}
+
+bool NodeInfo::has_attribute(const char* name) const {
+  std::size_t size = 0;
+  float f = 0.f;
+  std::int64_t i = 0;
+  return ok(api().KernelInfoGetAttribute_string(info_, name, nullptr, &size)) ||
+         ok(api().KernelInfoGetAttribute_int64(info_, name, &i)) ||
+         ok(api().KernelInfoGetAttribute_float(info_, name, &f)) ||
+         ok(api().KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size)) ||
+         ok(api().KernelInfoGetAttributeArray_float(info_, name, nullptr, &size));
+}
+
+namespace {
+// An attribute that the typed getter could not read: absent (false) or of another type (an error).
+bool absent_or_fail(const NodeInfo& info, const char* name, const char* type) {
+  if (info.has_attribute(name)) info.fail(std::string("attribute ") + name + " must be " + type);
+  return false;
+}
+}  // namespace
+
+bool NodeInfo::get(const char* name, std::string* out) const {
+  return try_get(name, out) || absent_or_fail(*this, name, "a string");
+}
+
 bool NodeInfo::get(const char* name, float* out) const {
-  return ok(api().KernelInfoGetAttribute_float(info_, name, out));
+  return ok(api().KernelInfoGetAttribute_float(info_, name, out)) || absent_or_fail(*this, name, "a float");
 }
 
 bool NodeInfo::get(const char* name, std::int64_t* out) const {
-  return ok(api().KernelInfoGetAttribute_int64(info_, name, out));
+  return try_get(name, out) || absent_or_fail(*this, name, "an int");
 }
 
 bool NodeInfo::get(const char* name, std::vector<std::int64_t>* out) const {
   std::size_t size = 0;
-  if (!ok(api().KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size))) return false;
+  if (!ok(api().KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size)))
+    return absent_or_fail(*this, name, "a list of ints");
   out->assign(size, 0);
   if (size > 0) check(api().KernelInfoGetAttributeArray_int64(info_, name, out->data(), &size));
   return true;
@@ -217,14 +245,16 @@ int degree_for(const OrtSessionOptions* options) {
 void read_activation(const NodeInfo& info, OutputStage* stage) {
   std::string s;
   std::int64_t code = 0;
-  if (info.get("activation", &s)) {
+  if (info.try_get("activation", &s)) {
     if (s == "none" || s.empty()) stage->act = Activation::None;
     else if (s == "relu") stage->act = Activation::Relu;
     else if (s == "clip") stage->act = Activation::Clip;
     else info.fail("activation must be \"none\", \"relu\" or \"clip\", got \"" + s + "\"");
-  } else if (info.get("activation", &code)) {
+  } else if (info.try_get("activation", &code)) {
     if (code < 0 || code > 2) info.fail("activation must be 0 (none), 1 (relu) or 2 (clip), got " + std::to_string(code));
     stage->act = static_cast<Activation>(code);
+  } else if (info.has_attribute("activation")) {
+    info.fail("activation must be a string (\"none\", \"relu\", \"clip\") or an int (0, 1, 2), got another type");
   } else {
     stage->act = Activation::None;
   }

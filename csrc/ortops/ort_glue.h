@@ -53,10 +53,16 @@ class NodeInfo {
   const std::string& where() const { return where_; }  // "QGemm node 'name'" for error messages
   [[noreturn]] void fail(const std::string& msg) const;
 
-  bool get(const char* name, std::string* out) const;  // false when the attribute is absent
+  // false when the attribute is absent; present with another type it is an error (a float where
+  // an int is expected must not silently mean "absent")
+  bool get(const char* name, std::string* out) const;
   bool get(const char* name, float* out) const;
   bool get(const char* name, std::int64_t* out) const;
   bool get(const char* name, std::vector<std::int64_t>* out) const;
+  // The same without the type check, for attributes that take one of several types.
+  bool try_get(const char* name, std::string* out) const;
+  bool try_get(const char* name, std::int64_t* out) const;
+  bool has_attribute(const char* name) const;  // present, whatever its type
 
   std::size_t input_count() const { return n_inputs_; }
   bool has_input(std::size_t i) const;                 // present and not an empty optional name

@@ -80,15 +80,7 @@ QConvKernel::QConvKernel(const OrtKernelInfo* kinfo, const PoolConfig& pool) : p
   if (auto_pad_ != AutoPad::NotSet && explicit_pads_ != Pads{0, 0, 0, 0})
     info.fail("pads " + shape_str(pads) + " cannot be combined with auto_pad = " + ap);
 
-  if (const OrtValue* s = info.constant_input(WScale)) {
-    TensorRef st = tensor_ref(s);
-    if (st.count != 1 && st.count != static_cast<std::size_t>(p.M))
-      info.fail("w_scale must have 1 or M = " + std::to_string(p.M) + " elements, got shape " + shape_str(st.shape));
-  }
-  if (const OrtValue* b = info.constant_input(Bias)) {
-    if (tensor_ref(b).count != static_cast<std::size_t>(p.M))
-      info.fail("bias must have M = " + std::to_string(p.M) + " elements, got shape " + shape_str(tensor_ref(b).shape));
-  }
+  check_constant_scale_and_bias(info, WScale, Bias, p.M, "M");
   check_static_inputs(info, XScale, XZeroPoint);
   if (info.has_input(YZeroPoint) && !info.has_input(YScale))
     info.fail("y_zero_point is given without y_scale");
@@ -158,7 +150,7 @@ void QConvKernel::compute(OrtKernelContext* ctx) const {
          std::to_string(OH) + "x" + std::to_string(OW));
 
   OutputStage stage = act_;
-  read_scales_and_bias(ctx, WScale, Bias, base_.M, where_, &stage);
+  read_scales_and_bias(ctx, WScale, Bias, base_.M, "M", where_, &stage);
   StaticQuant q;
   read_static_quant(ctx, XScale, XZeroPoint, where_, &q);
   const OrtValue* ys = input_or_null(ctx, YScale);

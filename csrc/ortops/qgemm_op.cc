@@ -41,15 +41,7 @@ QGemmKernel::QGemmKernel(const OrtKernelInfo* kinfo, const PoolConfig& pool) : p
     w_zp = zt.as<std::int8_t>();
   }
   // Fixed-size inputs are checked now when they are constant; per call otherwise.
-  if (const OrtValue* s = info.constant_input(WScale)) {
-    TensorRef st = tensor_ref(s);
-    if (st.count != 1 && st.count != static_cast<std::size_t>(N_))
-      info.fail("w_scale must have 1 or N = " + std::to_string(N_) + " elements, got shape " + shape_str(st.shape));
-  }
-  if (const OrtValue* b = info.constant_input(Bias)) {
-    if (tensor_ref(b).count != static_cast<std::size_t>(N_))
-      info.fail("bias must have N = " + std::to_string(N_) + " elements, got shape " + shape_str(tensor_ref(b).shape));
-  }
+  check_constant_scale_and_bias(info, WScale, Bias, N_, "N");
   check_static_inputs(info, XScale, XZeroPoint);
   read_activation(info, &act_);
 
@@ -68,7 +60,7 @@ void QGemmKernel::compute(OrtKernelContext* ctx) const {
     throw OpError("onnxopt " + where_ + ": X has too many rows for the kernel (" + std::to_string(M) + ")");
 
   OutputStage stage = act_;
-  read_scales_and_bias(ctx, WScale, Bias, N_, where_, &stage);
+  read_scales_and_bias(ctx, WScale, Bias, N_, "N", where_, &stage);
   StaticQuant q;
   read_static_quant(ctx, XScale, XZeroPoint, where_, &q);
 

@@ -5,6 +5,7 @@ import argparse
 import collections
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 from . import ir
@@ -17,35 +18,14 @@ def _split_passes(text: Optional[str]):
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def load_calibration(path: str, batch: int) -> list:
-    """Feed dicts from an .npz (one array per model input, samples along axis 0, cut into batches)
-    or a directory of such .npz files (one feed dict each)."""
-    import glob
-
-    import numpy as np
-
-    from .errors import CalibrationError
-
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.npz")))
-        if not files:
-            raise CalibrationError(f"{path}: no .npz files in the calibration directory")
-        feeds = []
-        for f in files:
-            with np.load(f) as z:
-                feeds.append({k: z[k] for k in z.files})
-        return feeds
-    if not os.path.isfile(path):
-        raise CalibrationError(f"{path}: no such calibration file")
+def _positive_int(text: str) -> int:
     try:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise CalibrationError(f"{path}: not an .npz file ({exc})") from None
-    if not arrays:
-        raise CalibrationError(f"{path}: the .npz holds no arrays")
-    n = min(a.shape[0] if a.ndim else 1 for a in arrays.values())
-    return [{k: a[i:i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _configure(passes, **overrides):
@@ -61,27 +41,82 @@ def _configure(passes, **overrides):
 
 
 def cmd_optimize(args) -> int:
-    from .api import optimize, save
-    from .bench import compare_models
+    from . import verify
+    from .api import _finite_feed, optimize_lazy, save
+    from .passes.quantize.calibrate import load_npz_feeds
 
     if os.path.abspath(args.output) == os.path.abspath(args.model):
         raise OptimizeError("output path is the input path: write the result somewhere else")
+    ir.check_output_path(args.output)  # before the work: a bad -o must not cost a whole run
     passes = _configure(_split_passes(args.passes), target=args.target,
                         autotune=False if args.no_autotune else None)
-    calibration = load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
     source = ir.load_source(args.model)
-    result, report = optimize(source, passes=passes, calibration=calibration, verify=args.verify,
-                              return_report=True)
+    calibration = None
+    if args.calibration:
+        calibration = load_npz_feeds(args.calibration, args.calibration_batch, verify.input_specs(source.proto))
+    with warnings.catch_warnings():  # the report says what the warnings would
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result, report = optimize_lazy(source, passes=passes, calibration=calibration, verify=args.verify)
     print(report.format())
+    cmp = None
+    if not args.no_bench:  # before writing: an input onnxruntime cannot run is an error, and nothing is written
+        feeds = _finite_feed(calibration)  # real data when we have it
+        cmp = _compare([(args.model, source.full()), (None, result)], feeds, args)
     save(result, args.output)
     print(f"\nwrote {args.output}")
-    if not args.no_bench:
+    if cmp is not None:
         print()
-        feeds = calibration[0] if calibration else None  # real data when we have it
-        cmp = compare_models(source.full(), result, feeds=feeds, rounds=args.rounds, threads=args.threads,
-                             progress=True)
         print(cmp.format(("original", "optimized")))
     return 0
+
+
+def _from_onnxruntime(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def _compare(models, feeds, args):
+    """compare_models on [(user's path or None, model), ...], or None with a note when this
+    onnxruntime cannot run a model the user gave (a kernel or custom-op library it lacks). onnxruntime
+    refusing such a model as invalid is an InvalidModelError naming it; one that onnxopt made failing
+    is a bug: raised as is."""
+    from .api import onnxruntime_refusal, refusal_error
+    from .bench import compare_models
+
+    try:
+        return compare_models(models[0][1], models[1][1], feeds=feeds, rounds=args.rounds, threads=args.threads,
+                              progress=True)
+    except MemoryError:  # inputs generated from declared dims (2**31 - 1 ...) that do not fit
+        print("(no before/after table: inputs of the declared shapes do not fit in memory)")
+        return None
+    except Exception as exc:
+        if not _from_onnxruntime(exc):
+            raise
+        for path, model in models:
+            if path is None:
+                continue
+            refusal = onnxruntime_refusal(model)
+            error = refusal_error(path, refusal) if refusal is not None else None
+            if error is not None:
+                raise error from None
+            if refusal is None:
+                refusal = _run_refusal(model, feeds)
+            if refusal is not None:
+                print(f"(no before/after table: onnxruntime cannot run {path} here: {_one_line(refusal[0])})")
+                return None
+        raise
+
+
+def _run_refusal(model, feeds):
+    """(onnxruntime's first line,) when running `model` on `feeds` (generated when None) fails, else None."""
+    from . import verify
+
+    try:
+        verify.session(model, optimization="all").run(None, feeds if feeds is not None else verify.make_feeds(model))
+    except Exception as exc:
+        if _from_onnxruntime(exc):
+            return ((str(exc).strip().splitlines() or [type(exc).__name__])[0],)
+        raise
+    return None
 
 
 def cmd_passes(args) -> int:
@@ -130,23 +165,34 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import compare_models
+    from . import verify
+    from .passes.quantize.calibrate import load_npz_feeds, validate_feed
 
     a = ir.load_model(args.original)
     b = ir.load_model(args.optimized)
     feeds = None
     if args.data:
-        import numpy as np
-
-        with np.load(args.data) as z:
-            feeds = {k: z[k] for k in z.files}
-    cmp = compare_models(a, b, feeds=feeds, rounds=args.rounds, threads=args.threads, progress=True)
+        specs = verify.input_specs(a)
+        loaded = load_npz_feeds(args.data, None, specs)
+        feeds = validate_feed(loaded[0], specs, 0, where=f"{args.data}")
+        if [s[0] for s in verify.input_specs(b)] != [s[0] for s in specs]:
+            raise OptimizeError(f"{args.optimized}: its inputs differ from {args.original}'s")
+    cmp = _compare([(args.original, a), (args.optimized, b)], feeds, args)
+    if cmp is None:
+        raise OptimizeError("nothing to compare: onnxruntime cannot run the models here")
     print(cmp.format(("original", "optimized")))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit code 2, like every other onnxopt error."""
+
+    def error(self, message):
+        self.exit(2, f"onnxopt: error: {self.prog.split()[-1]}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxopt", description="Make ONNX models smaller and faster.")
+    p = _Parser(prog="onnxopt", description="Make ONNX models smaller and faster.")
     sub = p.add_subparsers(dest="command", required=True)
 
     o = sub.add_parser("optimize", help="run a pass pipeline over a model")
@@ -155,14 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--passes", help="comma-separated pass or preset names (default: the 'default' preset)")
     o.add_argument("--verify", action="store_true", help="check outputs through onnxruntime, name the pass that broke them")
     o.add_argument("--calibration", help="calibration data: .npz (one array per input, samples on axis 0) or a directory of .npz feeds")
-    o.add_argument("--calibration-batch", type=int, default=8, help="samples per calibration feed from an .npz (default 8)")
+    o.add_argument("--calibration-batch", type=_positive_int, default=None,
+                   help="samples per calibration feed from an .npz (default: the model's fixed batch, else 8)")
     o.add_argument("--no-autotune", action="store_true",
                    help="int8: skip the cost guard's timing (keep every node the accuracy guard accepts)")
     o.add_argument("--target", choices=["onnxopt", "onnxruntime"],
                    help="quantization target: com.onnxopt fused ops or standard QDQ for plain onnxruntime")
     o.add_argument("--no-bench", action="store_true", help="skip the before/after timing table")
-    o.add_argument("--rounds", type=int, default=7)
-    o.add_argument("--threads", type=int, default=1)
+    o.add_argument("--rounds", type=_positive_int, default=7)
+    o.add_argument("--threads", type=_positive_int, default=1)
     o.set_defaults(fn=cmd_optimize)
 
     s = sub.add_parser("passes", help="list registered passes and presets")
@@ -176,19 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("original")
     b.add_argument("optimized")
     b.add_argument("--data", help=".npz with one array per model input")
-    b.add_argument("--rounds", type=int, default=7)
-    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--rounds", type=_positive_int, default=7)
+    b.add_argument("--threads", type=_positive_int, default=1)
     b.set_defaults(fn=cmd_bench)
     return p
+
+
+def _one_line(text: str) -> str:
+    """`text` on one printable line (names from a model may hold newlines or undecodable bytes)."""
+    return " ".join(str(text).split()).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit
+        return code
     except OptimizeError as exc:
-        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        print(f"onnxopt: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:  # protobuf decodes a model's strings only when they are read
+        print(f"onnxopt: error: the model holds a name or string that is not UTF-8 ({_one_line(exc)})",
+              file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`onnxopt inspect m.onnx | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        print("onnxopt: error: output closed before everything was written (broken pipe)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("onnxopt: interrupted", file=sys.stderr)

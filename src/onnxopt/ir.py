@@ -2,9 +2,12 @@
 
 graphsurgeon keeps nodes, tensors, opsets, local functions and subgraphs; the model-level fields it
 drops (metadata_props, doc strings, domain, model_version, training info) are carried over from the
-source model on export. Weights stored as external data stay lazy: the TensorProto keeps its
-reference (rewritten to an absolute path at load, so reading one tensor works from any cwd) and is
-streamed into the new data file by `save`, never held in memory as a whole model.
+source model on export. Models are untrusted: every tensor's payload is checked against its dtype and
+dims at load (`tensor_check`), and external data is checked and read as onnx does it
+(`external_data`). Weights stored as external data stay lazy inside onnxopt: the TensorProto refers
+to its checked file through a marker location, is read only when a pass needs its values and is
+streamed into the new data file by `save`. `materialize` gives the public result the form
+`onnx.load` gives: weights in the proto (below 2 GiB).
 """
 from __future__ import annotations
 
@@ -19,11 +22,16 @@ import onnx_graphsurgeon as gs
 from onnx.external_data_helper import uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from .errors import InvalidModelError, UnsupportedModelError
+from . import external_data, tensor_check
+from .errors import InvalidModelError, OptimizeError, UnsupportedModelError
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto above this cannot exist: weights go external
+INLINE_LIMIT = PROTOBUF_LIMIT - (64 << 20)  # results up to this many bytes keep their weights in the proto
+# Older default-domain opsets are refused: onnxruntime lacks kernels for their versions of common ops
+# (Relu-1 ...) and guarantees only 7+; 6 still runs (onnx's own backend suite has 112 such models).
+OLDEST_OPSET = 6
 EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this big go to the data file when saving external
 
 
@@ -47,12 +55,13 @@ class Source:
 def load_source(model: Union[ModelLike, Source]) -> Source:
     """Parse and check `model` (path, bytes or ModelProto; never mutated) into a private Source.
 
-    External-data locations are rewritten to absolute paths (so tensors can be read from any cwd);
-    external weights themselves are not read.
+    Every tensor's payload is checked against its dtype and dims; every external-data reference is
+    checked as onnx checks it (relative to the model's folder, or to the current directory for
+    bytes and ModelProtos) and becomes a lazy marker; external weights themselves are not read.
     """
     if isinstance(model, Source):
         return model
-    base_dir = None
+    base_dir = os.getcwd()
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
@@ -62,8 +71,10 @@ def load_source(model: Union[ModelLike, Source]) -> Source:
         proto = _parse(bytes(model), where)
     elif isinstance(model, (str, os.PathLike)):
         where = os.fspath(model)
-        if not os.path.isfile(where):
+        if not os.path.exists(where):
             raise InvalidModelError(f"{where}: no such file")
+        if not os.path.isfile(where):
+            raise InvalidModelError(f"{where}: not a regular file")
         with open(where, "rb") as f:
             data = f.read()
         proto = _parse(data, where)
@@ -73,8 +84,7 @@ def load_source(model: Union[ModelLike, Source]) -> Source:
         raise InvalidModelError(
             f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
     _check_opset(proto, where)
-    if base_dir is not None:
-        _absolutize_external_data(proto, base_dir, where)
+    _check_tensors(proto, base_dir, where)
     payloads = strip(proto)
     check(proto, where, is_stripped=True)
     return Source(proto, payloads, where)
@@ -93,13 +103,45 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
         raise InvalidModelError(f"{where}: not an ONNX model (protobuf parse failed: {exc})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InvalidModelError(f"{where}: not an ONNX model (no graph or no IR version)")
+    _check_text(proto, where)
     return proto
+
+
+def _check_text(msg, where: str) -> None:
+    """Decode every string of `msg` once: protobuf parses invalid UTF-8 and fails only when a name
+    is read, deep inside a pass. Tensor payloads are not touched (they are bytes, and large)."""
+    if isinstance(msg, onnx.TensorProto):
+        fields = [(f, getattr(msg, f.name)) for f in _TENSOR_TEXT]
+    else:
+        fields = msg.ListFields()
+        for field, value in fields:
+            if field.type == field.TYPE_STRING:
+                # proto2 strings are not validated: protobuf hands invalid UTF-8 back as bytes
+                for text in (value if field.is_repeated else [value]):
+                    if not isinstance(text, str):
+                        raise InvalidModelError(f"{where}: {type(msg).__name__}.{field.name} {text!r} is not "
+                                                "valid UTF-8")
+    for field, value in fields:
+        if field.message_type is None:
+            continue
+        for item in (value if field.is_repeated else [value]):
+            _check_text(item, where)
+
+
+_TENSOR_TEXT = [onnx.TensorProto.DESCRIPTOR.fields_by_name[n] for n in ("name", "doc_string", "external_data")]
 
 
 def _check_opset(proto: onnx.ModelProto, where: str) -> None:
     default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
         raise InvalidModelError(f"{where}: model has no default-domain opset import")
+    for o in proto.opset_import:
+        if o.version < 1:
+            raise InvalidModelError(f"{where}: opset import {o.domain or 'ai.onnx'} has version {o.version}")
+    if default[0] < OLDEST_OPSET:
+        raise UnsupportedModelError(
+            f"{where}: opset {default[0]} is too old (onnxopt needs {OLDEST_OPSET} or newer); "
+            "convert it first (onnx.version_converter.convert_version)")
     newest = onnx.defs.onnx_opset_version()
     if default[0] > newest:
         raise UnsupportedModelError(
@@ -212,28 +254,24 @@ class PayloadValues(LazyValues):
 
     def load(self):
         raw, entries, data_type, dims = self.payload
+        if raw is None:
+            raw = read_external(self.tensor, entries)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
-        if raw is not None:
-            if data_type in _NON_NUMPY_RAW:
-                t = onnx.TensorProto()
-                t.data_type, t.raw_data = data_type, raw
-                t.dims.extend(dims)
-                return np.array(onnx.numpy_helper.to_array(t))
-            return np.frombuffer(raw, dtype=dtype).reshape(dims).copy()
-        info = dict(entries)
-        count = int(np.prod(dims)) if dims else 1
-        with open(info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            data = f.read(count * np.dtype(dtype).itemsize)
         if data_type in _NON_NUMPY_RAW:
             t = onnx.TensorProto()
-            t.data_type, t.raw_data = data_type, data
+            t.data_type, t.raw_data = data_type, raw
             t.dims.extend(dims)
             return np.array(onnx.numpy_helper.to_array(t))
-        return np.frombuffer(data, dtype=dtype).reshape(dims).copy()
+        return np.frombuffer(raw, dtype=dtype).reshape(dims).copy()
 
 
-_NON_NUMPY_RAW = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+def read_external(t: onnx.TensorProto, entries=None) -> bytes:
+    """The bytes of an external tensor (a checked marker, or a location checked in the cwd)."""
+    file, offset, length = external_file(t, entries=entries)
+    return external_data.read(file, offset, length, t.name)
+
+
+_NON_NUMPY_RAW = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT4E2M1, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
                   onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ, onnx.TensorProto.INT4,
                   onnx.TensorProto.UINT4, onnx.TensorProto.BOOL}
 
@@ -260,17 +298,83 @@ def _proto_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield attr.t
 
 
-def _absolutize_external_data(proto: onnx.ModelProto, base_dir: str, where: str) -> None:
-    for t in _all_tensors(proto.graph):
-        if not uses_external_data(t):
-            continue
-        for entry in t.external_data:
-            if entry.key == "location":
-                loc = entry.value if os.path.isabs(entry.value) else os.path.join(base_dir, entry.value)
-                if not os.path.isfile(loc):
-                    raise InvalidModelError(
-                        f"{where}: external data file {entry.value!r} of tensor {t.name!r} not found")
-                entry.value = os.path.normpath(loc)
+_CONSTANT_VALUES = {"value", "value_float", "value_floats", "value_int", "value_ints", "value_string",
+                    "value_strings", "sparse_value"}
+
+
+def _check_tensors(proto: onnx.ModelProto, base_dir: str, where: str) -> None:
+    """Check each tensor's payload size; turn each external reference into a checked lazy marker.
+    A Constant node must hold exactly one value (onnx.checker lets one without pass; onnxruntime not);
+    ref_attr_name belongs in function bodies only."""
+    for node in walk_nodes(proto.graph):
+        for a in node.attribute:
+            if a.ref_attr_name:  # graphsurgeon would read it as a reference; onnxruntime ignores it
+                raise InvalidModelError(f"{where}: attribute {a.name!r} of node {node.name or node.op_type!r} refers "
+                                        f"to a function attribute ({a.ref_attr_name!r}) outside a function")
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            values = [a.name for a in node.attribute if a.name in _CONSTANT_VALUES]
+            if len(values) != 1:
+                raise InvalidModelError(f"{where}: Constant node {node.name or node.output[0]!r} must hold exactly one "
+                                        f"value attribute, it has {len(values)}")
+    for t in _proto_tensors(proto):
+        length = _check_external(t, base_dir) if t.data_location == onnx.TensorProto.EXTERNAL else None
+        tensor_check.check_tensor(t, where, external_length=length)
+    for g in _all_graphs(proto.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            tensor_check.check_value_type(vi, where)
+        for sp in g.sparse_initializer:
+            for t in (sp.values, sp.indices):
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    raise InvalidModelError(f"{where}: sparse tensor {t.name!r} keeps its data externally "
+                                            "(not supported)")
+                tensor_check.check_tensor(t, where)
+
+
+def _check_external(t: onnx.TensorProto, base_dir: str) -> int:
+    """Check the external reference of `t` (in place: it becomes a marker); returns its length."""
+    file, offset, length = external_file(t, base_dir)
+    t.ClearField("raw_data")  # an external tensor has no inline data (onnx.checker says the same)
+    _set_external(t, external_data.marker(file), offset, length)
+    return length
+
+
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def external_file(t: onnx.TensorProto, base_dir: Optional[str] = None, entries=None):
+    """(checked file, offset, length) of the external tensor `t` (or of its kept-aside `entries`): a
+    marker, or a location checked inside `base_dir` (the current directory when None)."""
+    if entries is None:
+        entries = [(e.key, e.value) for e in t.external_data]
+    location, offset, length = external_data.entries_info(entries, t.name)
+    if external_data.is_marker(location):
+        file = external_data.resolve_marker(location, t.name)
+    else:
+        file = external_data.check_location(base_dir or os.getcwd(), location, t.name)
+    if length is None:
+        length = tensor_check.payload_nbytes(t.data_type, t.dims)
+        if length is None:
+            raise external_data.ExternalDataError(
+                f"Data of TensorProto ( tensor name: {t.name}) is external without a length, and its data "
+                "type has no fixed size.")
+    external_data.check_bounds(file, offset, length, t.name, location)
+    return file, offset, length
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_graphs(g)
 
 
 # ------------------------------------------------------------------------------------- graph <-> IR
@@ -311,6 +415,9 @@ def import_graph(source: Union[Source, onnx.ModelProto], infer_shapes: bool = Tr
                 idx = _placeholder_index(v.tensor)
                 if idx is not None:
                     t._values = PayloadValues(v.tensor, payloads[idx], idx)
+                    # the placeholder says EXTERNAL; a pass that gives the constant new values
+                    # must export them inline (graphsurgeon would stamp EXTERNAL on raw_data)
+                    t.data_location = None
     graph.__dict__["_onnxopt_node_extras"] = extras
     graph.__dict__["_onnxopt_payloads"] = payloads
     return graph
@@ -351,19 +458,33 @@ def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from walk_nodes(g)
 
 
+_LIST_ATTRS = {onnx.AttributeProto.INTS: "ints", onnx.AttributeProto.FLOATS: "floats",
+               onnx.AttributeProto.STRINGS: "strings", onnx.AttributeProto.TENSORS: "tensors",
+               onnx.AttributeProto.GRAPHS: "graphs"}
+
+
 def _take_node_extras(graph: onnx.GraphProto, extras: dict, counter: list) -> dict:
-    """Node doc strings and metadata_props, which graphsurgeon drops, keyed by (made-unique) name."""
+    """What graphsurgeon drops or cannot carry, keyed by (made-unique) node name: doc strings,
+    metadata_props, and empty list attributes (taken off the node here: graphsurgeon cannot export an
+    empty list, it does not know its element type)."""
     names = {n.name for n in walk_nodes(graph) if n.name}
     for node in walk_nodes(graph):
         meta = list(getattr(node, "metadata_props", []))
-        if not node.doc_string and not meta:
+        empty = [a for a in node.attribute if a.type in _LIST_ATTRS and not len(getattr(a, _LIST_ATTRS[a.type]))]
+        if not node.doc_string and not meta and not empty:
             continue
         if not node.name or node.name in extras:
             while f"{node.op_type}_{counter[0]}" in names:
                 counter[0] += 1
             node.name = f"{node.op_type}_{counter[0]}"
             names.add(node.name)
-        extras[node.name] = (node.doc_string, meta)
+        kept = []
+        for a in empty:
+            copy = onnx.AttributeProto()
+            copy.CopyFrom(a)
+            kept.append(copy)
+            node.attribute.remove(a)
+        extras[node.name] = (node.doc_string, meta, kept)
     return extras
 
 
@@ -399,10 +520,12 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     if extras:
         for node in walk_nodes(model.graph):
             if node.name in extras:
-                doc, meta = extras[node.name]
+                doc, meta, empty = extras[node.name]
                 node.doc_string = doc
                 if meta:
                     node.metadata_props.extend(meta)
+                have = {a.name for a in node.attribute}
+                node.attribute.extend(a for a in empty if a.name not in have)
     if template.training_info:
         model.training_info.extend(template.training_info)
     # Graph inputs/outputs keep the source's declared types exactly (shape inference would
@@ -508,94 +631,244 @@ def file_size(path: Union[str, os.PathLike]) -> int:
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
-    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return tensor_check.payload_nbytes(t.data_type, t.dims) or 0
+
+
+def payload_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of all tensor payloads of `proto` as dtype x dims say (upb's ByteSize would serialize
+    the whole model to tell: twice the weights in memory)."""
+    return sum(_tensor_nbytes(t) for t in _proto_tensors(proto))
 
 
 def needs_external(proto: onnx.ModelProto) -> bool:
-    return any(uses_external_data(t) for t in _all_tensors(proto.graph)) or \
-        proto.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+    return any(uses_external_data(t) for t in _proto_tensors(proto)) or payload_bytes(proto) > INLINE_LIMIT
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (in place) in the form `onnx.load` gives: lazily kept weights read into the proto.
+
+    Above INLINE_LIMIT a ModelProto cannot be serialized whole: the weights stay on disk and each
+    lazy tensor gets an empty raw_data, so a plain `onnx.save` stops with onnx's own error quoting
+    the marker location ("... write this model with onnxopt.save") before writing anything, instead
+    of writing a file whose tensors point somewhere onnxruntime refuses.
+    """
+    lazy = [t for t in _proto_tensors(model) if uses_external_data(t)]
+    if not lazy:
+        return model
+    total = payload_bytes(model)
+    for t in lazy:
+        if total <= INLINE_LIMIT:
+            data = read_external(t)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+        else:
+            t.raw_data = b""
+    return model
+
+
+def check_output_path(path: Union[str, os.PathLike]) -> str:
+    """`path` as a string, refused (OptimizeError) when a model cannot be written there: a missing
+    folder, a directory in the way. Called before any work so a bad -o costs nothing."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise OptimizeError(f"output path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not path or os.path.basename(path) in ("", ".", ".."):
+        raise OptimizeError(f"{path!r}: output path names no file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OptimizeError(f"{path}: the output folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise OptimizeError(f"{path}: is a directory, not a file name")
+    data = os.path.join(folder, external_data.data_file_name(path))
+    if os.path.isdir(data):
+        raise OptimizeError(f"{path}: its external-data file name {data} is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OptimizeError(f"{path}: the output folder {folder} is not writable")
+    return path
 
 
 def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool | None = None) -> None:
-    """Write `model` to `path` atomically (temp file + rename).
+    """Write `model` to `path` atomically (temp file + rename), with the mode plain files get.
 
     Weights go to `<name>.data` beside it when `external_data` is true, or (default) when the model
-    references external data already or would not fit in one protobuf. Tensors already external are
-    streamed from their source file; the in-memory `model` is not modified.
+    references external data or would not fit in one protobuf. Tensors kept on disk are streamed from
+    their (checked) files, in-memory ones are written one at a time; the in-memory `model` is not
+    modified and never copied whole.
     """
-    path = os.fspath(path)
-    out_dir = os.path.dirname(os.path.abspath(path)) or "."
+    path = check_output_path(path)
+    out_dir = os.path.dirname(os.path.abspath(path))
     if external_data is None:
         external_data = needs_external(model)
     if not external_data:
-        _atomic_write(path, out_dir, model.SerializeToString())
+        _atomic_write(path, out_dir, lambda f: _serialize_in_pieces(model, f))
         return
-    data_name = os.path.basename(path) + ".data"
-    data_path = os.path.join(out_dir, data_name)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)  # only references and small tensors: large ones are external already
-    fd, tmp_data = tempfile.mkstemp(prefix=".onnxopt-", dir=out_dir)
+    data_name = _external.data_file_name(path)
+    fd, tmp_data = _external.create_temp(out_dir)
     try:
         with os.fdopen(fd, "wb") as data_file:
-            for t in _all_tensors(proto.graph):
-                _externalize(t, data_file, data_name)
-        _atomic_write(path, out_dir, proto.SerializeToString(), before_rename=lambda: os.replace(tmp_data, data_path))
+            proto = onnx.ModelProto()
+            _copy_writing_payloads(model, proto, _PayloadWriter(data_file, data_name))
+        _atomic_write(path, out_dir, lambda f: f.write(proto.SerializeToString()),
+                      before_rename=lambda: os.replace(tmp_data, os.path.join(out_dir, data_name)))
     except BaseException:
         if os.path.exists(tmp_data):
             os.unlink(tmp_data)
         raise
 
 
-def _externalize(t: onnx.TensorProto, data_file, data_name: str) -> None:
-    align = 4096
-    if uses_external_data(t):
-        info = {e.key: e.value for e in t.external_data}
-        src_offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else _tensor_nbytes(t)
-        pos = data_file.tell()
-        pad = (-pos) % align
-        data_file.write(b"\0" * pad)
-        offset = pos + pad
-        with open(info["location"], "rb") as src:
-            src.seek(src_offset)
-            remaining = length
-            while remaining:
-                chunk = src.read(min(remaining, 64 << 20))
-                if not chunk:
-                    raise InvalidModelError(f"external data of {t.name!r} is truncated")
-                data_file.write(chunk)
-                remaining -= len(chunk)
-    else:
-        if not t.HasField("raw_data"):
-            if _tensor_nbytes(t) < EXTERNAL_THRESHOLD or t.data_type == onnx.TensorProto.STRING:
-                return
-            arr = onnx.numpy_helper.to_array(t)
-            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
-        if len(t.raw_data) < EXTERNAL_THRESHOLD:
+_external = external_data  # `save`'s parameter shadows the module name
+_TENSOR = onnx.TensorProto.DESCRIPTOR.full_name
+_WITH_TENSORS = {onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS, onnx.AttributeProto.GRAPH,
+                 onnx.AttributeProto.GRAPHS, onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS}
+_TENSOR_DATA = {"raw_data", "external_data", "data_location", "float_data", "int32_data", "string_data",
+                "int64_data", "double_data", "uint64_data"}
+
+
+def _copy_writing_payloads(src, dst, writer: "_PayloadWriter") -> None:
+    """Copy message `src` into `dst`; each TensorProto goes through `writer` (its payload to the
+    data file) instead of being copied: the big bytes are never duplicated in memory."""
+    if src.DESCRIPTOR.full_name == _TENSOR:
+        writer.tensor(src, dst)
+        return
+    if isinstance(src, onnx.NodeProto) and not any(a.type in _WITH_TENSORS for a in src.attribute):
+        dst.CopyFrom(src)
+        return
+    if isinstance(src, onnx.AttributeProto) and src.type not in _WITH_TENSORS:
+        dst.CopyFrom(src)
+        return
+    for field, value in src.ListFields():
+        if field.message_type is None:
+            if field.is_repeated:
+                getattr(dst, field.name).extend(value)
+            else:
+                setattr(dst, field.name, value)
+        elif field.is_repeated:
+            container = getattr(dst, field.name)
+            for item in value:
+                _copy_writing_payloads(item, container.add(), writer)
+        else:
+            _copy_writing_payloads(value, getattr(dst, field.name), writer)
+
+
+class _PayloadWriter:
+    """Appends tensor payloads to the data file (each aligned to 4 KiB, so they can be mapped)."""
+
+    ALIGN = 4096
+
+    def __init__(self, data_file, data_name: str):
+        self.file, self.name = data_file, data_name
+
+    def _start(self) -> int:
+        pos = self.file.tell()
+        pad = (-pos) % self.ALIGN
+        self.file.write(b"\0" * pad)
+        return pos + pad
+
+    def tensor(self, src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+        if uses_external_data(src):
+            file, src_offset, length = external_file(src)
+            offset = self._start()
+            _external.copy(file, src_offset, length, self.file, src.name)
+        elif src.HasField("raw_data") and len(src.raw_data) >= EXTERNAL_THRESHOLD:
+            offset = self._start()
+            length = self.file.write(src.raw_data)
+        elif (not src.HasField("raw_data") and src.data_type != onnx.TensorProto.STRING
+              and _tensor_nbytes(src) >= EXTERNAL_THRESHOLD):
+            raw = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(src)).raw_data
+            offset = self._start()
+            length = self.file.write(raw)
+        else:
+            dst.CopyFrom(src)
             return
-        pos = data_file.tell()
-        pad = (-pos) % align
-        data_file.write(b"\0" * pad)
-        offset = pos + pad
-        length = len(t.raw_data)
-        data_file.write(t.raw_data)
-        t.ClearField("raw_data")
-    del t.external_data[:]
-    t.data_location = onnx.TensorProto.EXTERNAL
-    for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
+        for field, value in src.ListFields():  # the header: everything but the payload
+            if field.name in _TENSOR_DATA:
+                continue
+            if field.message_type is None:
+                if field.is_repeated:
+                    getattr(dst, field.name).extend(value)
+                else:
+                    setattr(dst, field.name, value)
+            elif field.is_repeated:
+                getattr(dst, field.name).extend(value)
+            else:
+                getattr(dst, field.name).CopyFrom(value)
+        _set_external(dst, self.name, offset, length)
 
 
-def _atomic_write(path: str, out_dir: str, data: bytes, before_rename=None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".onnxopt-", dir=out_dir)
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(field_number: int, size: int) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(size)
+
+
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def _copy_fields_except(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.message_type is None and not field.is_repeated:
+            setattr(dst, field.name, value)
+        elif field.message_type is None or field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        else:
+            getattr(dst, field.name).CopyFrom(value)
+
+
+def _serialize_in_pieces(model: onnx.ModelProto, f) -> None:
+    """Write `model`'s protobuf encoding to `f` one initializer at a time (a message's encoding is
+    the concatenation of its fields' in any order), so serializing never doubles the weights."""
+    head = onnx.ModelProto()
+    _copy_fields_except(model, head, "graph")
+    f.write(head.SerializeToString())
+    if not model.HasField("graph"):
+        return
+    graph = onnx.GraphProto()
+    _copy_fields_except(model.graph, graph, "initializer")
+    rest = graph.SerializeToString()
+    pieces = [_tensor_pieces(t) for t in model.graph.initializer]  # (header bytes, raw_data length)
+    sizes = [len(h) + (len(_length_delimited(_RAW_FIELD, n)) + n if n is not None else 0) for h, n in pieces]
+    total = len(rest) + sum(len(_length_delimited(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    f.write(_length_delimited(_GRAPH_FIELD, total))
+    f.write(rest)
+    for t, (header, raw_len), size in zip(model.graph.initializer, pieces, sizes):
+        f.write(_length_delimited(_INITIALIZER_FIELD, size))
+        f.write(header)
+        if raw_len is not None:
+            f.write(_length_delimited(_RAW_FIELD, raw_len))
+            f.write(t.raw_data)
+
+
+def _tensor_pieces(t: onnx.TensorProto):
+    """(encoding of `t` without raw_data, length of raw_data or None): upb's ByteSize and
+    SerializeToString each hold a second copy of the payload; this holds none."""
+    if not t.HasField("raw_data"):
+        return t.SerializeToString(), None
+    header = onnx.TensorProto()
+    _copy_fields_except(t, header, "raw_data")
+    return header.SerializeToString(), len(t.raw_data)
+
+
+def _atomic_write(path: str, out_dir: str, write, before_rename=None) -> None:
+    fd, tmp = _external.create_temp(out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
         if before_rename is not None:
             before_rename()
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a link at `path` instead of writing through it
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -206,7 +206,7 @@ class _Fallback:
                 "onnxopt's com.onnxopt ops need either the native library libonnxopt_ops "
                 "(build onnxopt with onnxruntime headers: ONNXOPT_ORT_INCLUDE_DIR or "
                 "tools/fetch_ort_headers.sh; unset ONNXOPT_DISABLE_NATIVE_OPS) or the slow Python "
-                "fallback (pip install onnxruntime-extensions)") from None
+                "fallback: pip install 'onnxopt[fallback]' (it adds onnxruntime-extensions)") from None
         try:
             from onnxopt import kernels
             for fn in ("pack_weights", "qgemm_f32", "pack_conv_weights", "qconv2d"):

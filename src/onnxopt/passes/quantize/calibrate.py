@@ -13,6 +13,8 @@ divergence as in TensorRT's calibrator, over the same histogram).
 """
 from __future__ import annotations
 
+import glob
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -60,9 +62,10 @@ def iter_feeds(calibration) -> Iterator[dict]:
     yield from it
 
 
-def validate_feed(feed, specs: List[tuple], index: int) -> Dict[str, np.ndarray]:
-    """`feed` checked against the model inputs `specs` ((name, dtype, shape) from verify.input_specs)."""
-    where = f"calibration batch {index}"
+def validate_feed(feed, specs: List[tuple], index: int, where: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """`feed` checked against the model inputs `specs` ((name, dtype, shape) from verify.input_specs);
+    errors start with `where` (default "calibration batch <index>")."""
+    where = where or f"calibration batch {index}"
     if not isinstance(feed, Mapping):
         raise CalibrationError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
     names = [s[0] for s in specs]
@@ -94,6 +97,126 @@ def validate_feed(feed, specs: List[tuple], index: int) -> Dict[str, np.ndarray]
             raise CalibrationError(f"{where}: input {name!r} is empty (shape {list(arr.shape)})")
         out[name] = arr
     return out
+
+
+def validate_feeds(feeds: List[dict], specs: List[tuple]) -> Tuple[List[dict], List[str]]:
+    """(feeds, notes): every feed checked in order (an error names the first bad batch), samples whose
+    float inputs hold NaN/Inf left out, with a note per input saying how many values and samples.
+
+    NaN/Inf cannot be calibrated and make every fidelity figure NaN (the guards would then refuse all
+    quantization and pass the fp32 model off as a result): when no sample is left, that is a
+    CalibrationError naming the input.
+    """
+    if not feeds:
+        raise CalibrationError("calibration data is empty: it yielded no feeds")
+    checked = [validate_feed(feed, specs, i) for i, feed in enumerate(feeds)]
+    fixed = fixed_batch(specs)
+    counts: Dict[str, List[int]] = {}  # input -> [non-finite values, samples dropped for it]
+    clean, total_samples, kept_samples = [], 0, 0
+    for feed in checked:
+        bad_rows = None
+        lengths = {a.shape[0] if a.ndim else 1 for a in feed.values()}
+        n = lengths.pop() if len(lengths) == 1 else 1
+        total_samples += n
+        for name, arr in feed.items():
+            if arr.dtype.kind not in "fc":
+                continue
+            finite = np.isfinite(arr)
+            if finite.all():
+                continue
+            rows = ~finite.reshape(n, -1).all(axis=1) if arr.ndim and arr.shape[0] == n else np.ones(n, bool)
+            row = counts.setdefault(name, [0, 0])
+            row[0] += int(finite.size - np.count_nonzero(finite))
+            row[1] += int(rows.sum())
+            bad_rows = rows if bad_rows is None else bad_rows | rows
+        if bad_rows is None:
+            clean.append(feed)
+            kept_samples += n
+        elif not bad_rows.all() and fixed is None:  # a fixed batch takes no partial feed
+            keep = ~bad_rows
+            clean.append({k: a[keep] if a.ndim and a.shape[0] == n else a for k, a in feed.items()})
+            kept_samples += int(keep.sum())
+    if not counts:
+        return checked, []
+    detail = "; ".join(f"input {k!r}: {v} NaN/Inf value(s) in {s} sample(s)" for k, (v, s) in counts.items())
+    if not clean:
+        raise CalibrationError(f"calibration data has no sample without NaN/Inf ({detail})")
+    return clean, [f"{detail}: {total_samples - kept_samples} of {total_samples} sample(s) left out of "
+                   "calibration and fidelity"]
+
+
+# ------------------------------------------------------------------------------------- npz files
+
+def fixed_batch(specs: List[tuple]) -> Optional[int]:
+    """The batch size the model's inputs fix on axis 0 (all that fix one agree), else None."""
+    fixed = {s[2][0] for s in specs if s[2] and isinstance(s[2][0], int) and s[2][0] > 0}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def load_npz_feeds(path, batch: Optional[int] = None, specs: Optional[List[tuple]] = None) -> List[dict]:
+    """Feed dicts from an .npz (one array per model input, samples along axis 0, cut into batches)
+    or a directory of .npz files (one feed dict each).
+
+    `batch` None: the model's fixed batch when its inputs fix one, else 8. With `specs` (the model's
+    inputs) the arrays are matched to the inputs by name and a fixed batch dim is respected.
+    """
+    path = os.fspath(path)
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise CalibrationError(f"calibration batch size must be a positive integer, got {batch!r}")
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.npz")))
+        if not files:
+            raise CalibrationError(f"{path}: no .npz files in the calibration directory")
+        return [_read_npz(f) for f in files]
+    arrays = _read_npz(path)
+    if specs is not None:
+        names = [s[0] for s in specs]
+        extra = [k for k in arrays if k not in names]
+        missing = [n for n in names if n not in arrays]
+        if extra or missing:
+            parts = ([f"array(s) {', '.join(map(repr, extra))} that are not model inputs"] if extra else []) + \
+                    ([f"no array for input(s) {', '.join(map(repr, missing))}"] if missing else [])
+            raise CalibrationError(f"{path}: {'; '.join(parts)} (the model's inputs are "
+                                   f"{', '.join(map(repr, names))})")
+    counts = {k: (a.shape[0] if a.ndim else 1) for k, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(f"{path}: arrays hold different numbers of samples on axis 0 ("
+                               + ", ".join(f"{k!r}: {n}" for k, n in counts.items()) + ")")
+    n = next(iter(counts.values()))
+    model_batch = fixed_batch(specs) if specs is not None else None
+    if model_batch is not None:
+        if batch is not None and batch != model_batch:
+            raise CalibrationError(f"{path}: calibration batch {batch} does not fit the model, whose inputs fix "
+                                   f"the batch at {model_batch} (leave the batch size unset to use it)")
+        if n < model_batch:
+            raise CalibrationError(f"{path}: {n} sample(s), the model's fixed batch needs {model_batch}")
+        batch, n = model_batch, n - n % model_batch  # a fixed batch cannot take a partial one
+    batch = batch or 8
+    if any(a.ndim == 0 for a in arrays.values()):
+        return [arrays]
+    return [{k: a[i:i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
+
+
+def _read_npz(path: str) -> Dict[str, np.ndarray]:
+    if not os.path.exists(path):
+        raise CalibrationError(f"{path}: no such calibration file")
+    if not os.path.isfile(path):
+        raise CalibrationError(f"{path}: not a regular file (calibration data is an .npz or a directory of them)")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if isinstance(z, np.ndarray):
+            raise CalibrationError(f"{path}: an .npy array, not an .npz "
+                                   "(save with numpy.savez(path, input_name=array))")
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except CalibrationError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CalibrationError(f"{path}: not an .npz file ({first})") from None
+    if not arrays:
+        raise CalibrationError(f"{path}: the .npz holds no arrays")
+    return arrays
 
 
 def _fmt_shape(shape) -> str:

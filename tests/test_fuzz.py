@@ -33,7 +33,8 @@ def verdicts():
 @pytest.mark.parametrize("index", INDICES)
 def test_fuzz_case_is_clean(verdicts, index):
     v = verdicts[index]
-    assert not v.failed, v.line()
+    if v.failed:
+        pytest.fail(v.line(), pytrace=False)
 
 
 def test_the_short_run_covers_every_mutator_and_mode(tmp_path):

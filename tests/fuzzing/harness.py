@@ -140,6 +140,7 @@ def lay_out(case: mutate.Case, root: str) -> dict:
                "stage_file": os.path.join(root, "stage")}
     if case.mode == "api-int8":
         request["feeds_path"] = os.path.join(root, "feeds.pkl")
+        request["no_autotune"] = "--no-autotune" in case.cli_extra
         with open(request["feeds_path"], "wb") as f:
             pickle.dump(case.calibration, f)
     out = os.path.join(out_dir, "out.onnx")
@@ -197,6 +198,8 @@ class Fuzzer:
             elif answer["outcome"] in ("clean_error", "unclean_error") and answer.get("message"):
                 detail = f"{detail} | {answer['message']}" if detail else f"| {answer['message']}"
             verdict = Verdict(case, answer["outcome"], answer.get("outside", []), detail, category)
+            if answer["outcome"] == "valid" and answer.get("int8_ops"):
+                self.counts["valid_int8"] += 1
         self._count(verdict)
         if not (self.keep and verdict.failed):
             shutil.rmtree(root, ignore_errors=True)
@@ -226,8 +229,8 @@ class Fuzzer:
 
     def summary(self) -> str:
         c = self.counts
-        return (f"fuzz: {c['cases']} cases, {c['clean_error']} clean errors, {c['valid']} valid models, "
-                f"{c['traceback']} tracebacks, {c['crash'] + c['timeout']} crashes ({c['timeout']} timeouts), "
+        return (f"fuzz: {c['cases']} cases, {c['clean_error']} clean errors, {c['valid']} valid models "
+                f"({c['valid_int8']} with int8 ops), {c['traceback']} tracebacks, {c['crash'] + c['timeout']} crashes ({c['timeout']} timeouts), "
                 f"{c['invalid_model']} invalid models written, {c['unclean_error']} unclean errors, "
                 f"{c['outside_read']} outside reads, {c['reference_crash']} onnxruntime crashes on inputs, "
                 f"{c['harness_error']} harness errors")

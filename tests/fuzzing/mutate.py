@@ -47,7 +47,8 @@ class Case:
     cli_extra: List[str] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:  # index: an int (random case) or "tN" (targeted case)
-        return f"case {self.index} [{self.seed_name}/{self.mode}]: " + "; ".join(self.mutations or ["(no mutation)"])
+        mode = self.mode + (" --no-autotune" if "--no-autotune" in self.cli_extra else "")
+        return f"case {self.index} [{self.seed_name}/{mode}]: " + "; ".join(self.mutations or ["(no mutation)"])
 
 
 class _Ctx:
@@ -287,9 +288,13 @@ def m_node(model, ctx):
     how = ctx.choice(["op_type", "domain", "drop_input", "extra_input", "empty_input", "drop_output",
                       "remove", "duplicate", "reorder", "self_loop", "unknown_input"])
     if how == "op_type":
-        node.op_type = ctx.choice(OPS)
+        node.op_type = ctx.choice(OPS + ["non_utf8"])
+        if node.op_type == "non_utf8":
+            node.op_type = ctx.non_utf8(OPS[0])
     elif how == "domain":
-        node.domain = ctx.choice(["com.onnxopt", "com.microsoft", "ai.onnx", "ai.onnx.ml", "no.such.domain"])
+        node.domain = ctx.choice(["com.onnxopt", "com.microsoft", "ai.onnx", "ai.onnx.ml", "no.such.domain", "non_utf8"])
+        if node.domain == "non_utf8":
+            node.domain = ctx.non_utf8("domain")
     elif how == "drop_input" and len(node.input):
         del node.input[-1]
     elif how == "extra_input":
@@ -589,6 +594,22 @@ def c_arrays(arrays: dict, ctx) -> str:
     return f"calibration array {name!r}: {how}"
 
 
+def c_feeds(feeds: list, ctx) -> Tuple[object, str]:
+    """What an API caller may hand over instead of a list of feed dicts (it must be pickleable)."""
+    how = ctx.choice(["empty_list", "none_entry", "none_value", "string", "list_of_arrays", "mixed_keys"])
+    if how == "empty_list":
+        return [], "calibration feeds: empty list"
+    if how == "none_entry":
+        return feeds + [None], "calibration feeds: a None entry"
+    if how == "none_value":
+        return [{k: None for k in feeds[0]}] + feeds, "calibration feeds: None values"
+    if how == "string":
+        return "calibration.npz", "calibration feeds: a string"
+    if how == "list_of_arrays":
+        return [next(iter(f.values())) for f in feeds], "calibration feeds: arrays, not dicts"
+    return [feeds[0], {"other": next(iter(feeds[0].values()))}], "calibration feeds: second feed names another input"
+
+
 def npz_bytes(arrays: dict) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -662,13 +683,16 @@ def make_case(seed: int, index: int, root: str) -> Case:
             mutations.append(c_arrays(arrays, ctx))
         if mode == "api-int8":
             case.calibration = _feeds(arrays, rng)
+            if rng.random() < 0.1:
+                case.calibration, desc = c_feeds(case.calibration, ctx)
+                mutations.append(desc)
         else:
             case.calibration = npz_bytes(arrays)
             if rng.random() < 0.15:
                 case.calibration, desc = c_file(case.calibration, ctx)
                 mutations.append(desc)
-            if rng.random() < 0.5:
-                case.cli_extra.append("--no-autotune")
+        if rng.random() < 0.5:  # the CLI's flag; the API run gets the same preset with autotune=False
+            case.cli_extra.append("--no-autotune")
     return case
 
 
@@ -691,8 +715,11 @@ def _feeds(arrays: dict, rng) -> list:
 
 # A targeted case applies one chosen variant to a chosen seed and mode: every external-data attack
 # on both the API and the CLI, whatever the random draw, so the short CI run always holds them.
+# Control cases (no mutation: every seed in every mode) must come out valid: they keep the oracle honest.
 TARGETED = [("external", mode, "external", how) for how in EXTERNAL_HOW for mode in ("api", "cli-optimize")] + \
-    [("conv", "cli-int8", "external", how) for how in ("dotdot", "symlink", "hardlink", "absolute")]
+    [("conv", "cli-int8", "external", how) for how in ("dotdot", "symlink", "hardlink", "absolute")] + \
+    [(name, mode, None, None) for name in sorted(seeds.SEEDS) for mode in MODES
+     if not (name == "if" and mode == "cli-int8")]
 
 
 def make_targeted_case(k: int, root: str) -> Case:
@@ -703,13 +730,17 @@ def make_targeted_case(k: int, root: str) -> Case:
     model, seed_files = seeds.SEEDS[seed_name](np.random.default_rng([7, k, 1]))
     files.update(seed_files)
     arrays = seeds.calibration_arrays(model, np.random.default_rng([7, k, 2]))
-    mutations = [MODEL_MUTATORS[mutator](model, ctx)]
+    mutations = [MODEL_MUTATORS[mutator](model, ctx)] if mutator else []
     data = model.SerializeToString()
     for marker, replacement in ctx.byte_swaps:
         data = data.replace(marker, replacement)
     case = Case(f"t{k}", seed_name, mode, mutations, data, files)
-    if mode == "cli-int8":
+    if mode == "cli-int8":  # without the cost guard, so the written model holds the com.onnxopt int8 ops
         case.calibration = npz_bytes(arrays)
+        case.cli_extra.append("--no-autotune")
+    elif mode == "api-int8":
+        case.calibration = _feeds(arrays, rng)
+        case.cli_extra.append("--no-autotune")
     return case
 
 

@@ -48,7 +48,7 @@ def test_the_short_run_covers_every_mutator_and_mode(tmp_path):
     text = "\n".join(mutations)
     for family in ("dims ->", "raw_data", "data_type", "typed fields", "value_info", "renamed (non_utf8)",
                    "external data", "opset", "ir_version", "attribute", "If ", "serialized bytes",
-                   "calibration array"):
+                   "calibration array", "Proto."):
         assert family in text, family
     for how in mutate.EXTERNAL_HOW:
         assert f": {how}" in text, how

@@ -134,7 +134,10 @@ def lay_out(case: mutate.Case, root: str) -> dict:
         f.write(case.model_bytes)
     for name, spec in case.files.items():
         path = os.path.join(os.fsencode(model_dir), os.fsencode(name))
-        _write_spec(path, spec)
+        try:
+            _write_spec(path, spec)
+        except (ValueError, OSError):  # a name or target the file system refuses (NUL): the model points at nothing
+            pass
     request = {"mode": case.mode, "model_dir": model_dir, "out_dir": out_dir, "calib_dir": calib_dir,
                "cwd": cwd, "sentinel": sentinel, "model_path": model_path,
                "stage_file": os.path.join(root, "stage")}
@@ -184,8 +187,11 @@ class Fuzzer:
         root = os.path.join(self.workdir, f"case-{index}")
         os.makedirs(root)
         case = mutate.build_case(self.seed, index, root)
-        request = lay_out(case, root)
-        answer = self.worker.ask(request, self.timeout)
+        try:
+            request = lay_out(case, root)
+            answer = self.worker.ask(request, self.timeout)
+        except Exception as exc:  # noqa: BLE001 - a harness bug must not end a long run
+            answer = {"outcome": "harness_error", "detail": f"{type(exc).__name__}: {exc}"}
         if isinstance(answer, tuple):
             verdict = self._died(case, root, *answer)
         else:

@@ -518,13 +518,61 @@ def m_subgraph(model, ctx):
     return f"If {node.name!r} {how}"
 
 
+def _messages(msg):
+    """Every sub-message of `msg` (depth first), `msg` included."""
+    yield msg
+    for field, value in msg.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        if field.is_repeated:
+            for sub in value:
+                yield from _messages(sub)
+        else:
+            yield from _messages(value)
+
+
+_INTS = [0, 1, -1, 2, 7, 255, 2**31 - 1, -2**31, 2**63 - 1, -2**63]
+
+
+def m_proto_field(model, ctx):
+    """Any scalar field of any message of the model set to an edge value (protobuf's own types)."""
+    msg = ctx.choice(list(_messages(model)))
+    fields = [f for f in msg.DESCRIPTOR.fields if f.type != f.TYPE_MESSAGE]
+    if not fields:
+        return None
+    f = ctx.choice(fields)
+    if f.is_repeated:
+        getattr(msg, f.name).__delitem__(slice(None))
+        return f"{msg.DESCRIPTOR.name}.{f.name} cleared"
+    if f.type == f.TYPE_STRING:
+        value = ctx.choice(["", "x" * 10000, "../../etc/passwd", "\x00", "é"])
+    elif f.type == f.TYPE_BYTES:
+        value = ctx.choice([b"", b"\xff" * 7, bytes(4099)])
+    elif f.type == f.TYPE_ENUM:
+        value = int(ctx.choice([v.number for v in f.enum_type.values] + [99]))
+    elif f.type in (f.TYPE_FLOAT, f.TYPE_DOUBLE):
+        value = float(ctx.choice([0.0, -1.0, float("nan"), float("inf"), 1e38]))
+    elif f.type == f.TYPE_BOOL:
+        value = not getattr(msg, f.name)
+    else:
+        value = int(ctx.choice([v for v in _INTS if v >= 0] if f.type in (f.TYPE_UINT32, f.TYPE_UINT64) else _INTS))
+        value = value if f.type not in (f.TYPE_INT32, f.TYPE_SINT32, f.TYPE_SFIXED32, f.TYPE_ENUM) else \
+            max(min(value, 2**31 - 1), -2**31)
+    try:
+        setattr(msg, f.name, value)
+    except (ValueError, TypeError):
+        return None
+    return f"{msg.DESCRIPTOR.name}.{f.name} = {str(value)[:20]!r}"
+
+
 MODEL_MUTATORS: Dict[str, Callable] = {
     "dims": m_dims, "raw_length": m_raw_length, "dtype": m_dtype, "typed_fields": m_typed_fields,
     "value_info": m_value_info, "rename": m_rename, "node": m_node, "attribute": m_attribute,
-    "opset": m_opset, "external": m_external, "subgraph": m_subgraph,
+    "opset": m_opset, "external": m_external, "subgraph": m_subgraph, "proto_field": m_proto_field,
 }
 MODEL_WEIGHTS = {"dims": 1.0, "raw_length": 1.0, "dtype": 1.0, "typed_fields": 0.6, "value_info": 0.8,
-                 "rename": 1.0, "node": 1.0, "attribute": 0.8, "opset": 1.0, "external": 2.0, "subgraph": 0.5}
+                 "rename": 1.0, "node": 1.0, "attribute": 0.8, "opset": 1.0, "external": 2.0, "subgraph": 0.5,
+                 "proto_field": 1.5}
 
 
 def mutate_bytes(data: bytes, ctx) -> Tuple[bytes, str]:

@@ -75,6 +75,10 @@ class Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "src"), REPO, env.get("PYTHONPATH", "")])
         env.setdefault("OMP_NUM_THREADS", "1")
+        # importing onnxruntime_extensions (another test may have) sets this to "python" in os.environ;
+        # the pure-Python protobuf parses non-UTF-8 strings differently from the default upb one that
+        # users run, which would make the verdicts depend on the tests that ran before
+        env.pop("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", None)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzzing.worker"], cwd=REPO, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,

@@ -17,7 +17,9 @@ import os
 import numpy as np
 import pytest
 
-from tests.fuzzing import harness, mutate, worker
+from tests.fuzzing import harness, mutate, seeds, worker
+from tests.fuzzing.context import SENTINEL_BYTES, SENTINEL_NAME, SENTINEL_TOKEN
+from tests.fuzzing.external_mutators import EXTERNAL_HOW
 
 SEED = 2026
 CASES = 120  # random cases; with the targeted ones ~10-20 s: the worker runs ~15 cases/s here
@@ -50,7 +52,7 @@ def test_the_short_run_covers_every_mutator_and_mode(tmp_path):
                    "external data", "opset", "ir_version", "attribute", "If ", "serialized bytes",
                    "calibration array", "Proto."):
         assert family in text, family
-    for how in mutate.EXTERNAL_HOW:
+    for how in EXTERNAL_HOW:
         assert f": {how}" in text, how
     assert modes == set(mutate.MODES)
     assert seed_names == {"conv", "matmul", "external", "if"}
@@ -66,7 +68,7 @@ def test_cases_are_deterministic(tmp_path):
 def _laid_out(tmp_path):
     case = mutate.Case(0, "matmul", "api", [], b"", {"w.bin": b"1234", "hard.bin": ("hardlink", ""),
                                                         "link.bin": ("symlink", "")})
-    sentinel = str(tmp_path / mutate.SENTINEL_NAME)
+    sentinel = str(tmp_path / SENTINEL_NAME)
     case.files["hard.bin"] = ("hardlink", sentinel)
     case.files["link.bin"] = ("symlink", sentinel)
     return harness.lay_out(case, str(tmp_path))
@@ -77,13 +79,13 @@ def test_the_oracle_sees_reads_outside_the_models_folder(tmp_path):
     model_dir = req["model_dir"]
     events = [("open", os.path.join(model_dir, "w.bin")), ("open", "../model/w.bin"),
               ("open", os.path.join(model_dir, "hard.bin")), ("open", os.path.join(model_dir, "link.bin")),
-              ("open", os.path.join(model_dir, "..", mutate.SENTINEL_NAME)), ("open", "/etc/hostname"),
+              ("open", os.path.join(model_dir, "..", SENTINEL_NAME)), ("open", "/etc/hostname"),
               ("os.rename", os.path.join(req["out_dir"], "x"))]
     req["cwd"] = req["out_dir"]
     bad = worker.outside_accesses(events, req)
     assert not any("w.bin" in b for b in bad), bad  # inside the folder (also by a relative path)
     assert any("hard.bin" in b for b in bad) and any("link.bin" in b for b in bad)
-    assert any(mutate.SENTINEL_NAME in b and "link" not in b for b in bad)
+    assert any(SENTINEL_NAME in b and "link" not in b for b in bad)
     assert any("/etc/hostname" in b for b in bad)
     assert not any(req["out_dir"] in b for b in bad)
 
@@ -92,14 +94,14 @@ def test_the_oracle_sees_sentinel_bytes_in_outputs(tmp_path):
     req = _laid_out(tmp_path)
     assert worker.sentinel_leaks(req) == []
     with open(os.path.join(req["out_dir"], "out.onnx.data"), "wb") as f:
-        f.write(b"\0" * 100 + mutate.SENTINEL_BYTES[5:200])
-    assert worker.sentinel_leaks(req, ["printed text"]) and worker.sentinel_leaks(req, [mutate.SENTINEL_TOKEN])
+        f.write(b"\0" * 100 + SENTINEL_BYTES[5:200])
+    assert worker.sentinel_leaks(req, ["printed text"]) and worker.sentinel_leaks(req, [SENTINEL_TOKEN])
 
 
 def test_the_oracle_sees_invalid_written_models(tmp_path):
     """A written model that fails onnx.checker, or that passes it but onnxruntime refuses, is invalid."""
     req = _laid_out(tmp_path)
-    model, _ = mutate.seeds.matmul_model(np.random.default_rng(0))
+    model, _ = seeds.matmul_model(np.random.default_rng(0))
     with open(req["model_path"], "wb") as f:
         f.write(model.SerializeToString())
     req.update(input_full_check=True, stage_file=str(tmp_path / "stage"))
@@ -108,18 +110,18 @@ def test_the_oracle_sees_invalid_written_models(tmp_path):
     with open(out, "wb") as f:
         f.write(model.SerializeToString())
     assert worker.check_output(req, {"out_path": out}) is None
-    unknown_op = mutate.seeds.matmul_model(np.random.default_rng(0))[0]
+    unknown_op = seeds.matmul_model(np.random.default_rng(0))[0]
     unknown_op.graph.node[2].op_type = "NoSuchOp"
     with open(out, "wb") as f:
         f.write(unknown_op.SerializeToString())
     assert worker.check_output(req, {"out_path": out})[0] == "fails onnx.checker"
-    short = mutate.seeds.matmul_model(np.random.default_rng(0))[0]
+    short = seeds.matmul_model(np.random.default_rng(0))[0]
     w2 = next(t for t in short.graph.initializer if t.name == "w2")
     w2.raw_data += b"\0" * 4  # the checker lets extra bytes through; onnxruntime does not
     with open(out, "wb") as f:
         f.write(short.SerializeToString())
     assert worker.check_output(req, {"out_path": out})[0] == "onnxruntime refuses it (the input loads)"
-    scaled = mutate.seeds.matmul_model(np.random.default_rng(0))[0]
+    scaled = seeds.matmul_model(np.random.default_rng(0))[0]
     w2 = next(t for t in scaled.graph.initializer if t.name == "w2")
     w2.raw_data = (np.frombuffer(w2.raw_data, np.float32) * 2).tobytes()
     with open(out, "wb") as f:

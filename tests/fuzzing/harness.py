@@ -25,6 +25,7 @@ import time
 from typing import List, Optional
 
 from . import mutate
+from .context import SENTINEL_BYTES, SENTINEL_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAILURES = ("traceback", "crash", "timeout", "invalid_model", "unclean_error", "harness_error")
@@ -130,9 +131,9 @@ def lay_out(case: mutate.Case, root: str) -> dict:
     model_dir, out_dir, calib_dir, cwd = (os.path.join(root, d) for d in ("model", "out", "calib", "cwd"))
     for d in (model_dir, out_dir, calib_dir, cwd):
         os.makedirs(d)
-    sentinel = os.path.join(root, mutate.SENTINEL_NAME)
+    sentinel = os.path.join(root, SENTINEL_NAME)
     with open(sentinel, "wb") as f:
-        f.write(mutate.SENTINEL_BYTES)
+        f.write(SENTINEL_BYTES)
     model_path = os.path.join(model_dir, "model.onnx")
     with open(model_path, "wb") as f:
         f.write(case.model_bytes)

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import traceback
 
+from .context import SENTINEL_TOKEN
+
 _events = None  # list of (event, path) while onnxopt runs, else None
 # event -> (index of a path argument, index of its dir_fd argument or None), from the audit events table
 _PATH_EVENTS = {"open": [(0, None)], "os.rename": [(0, 2), (1, 3)], "os.link": [(0, 2), (1, 3)],
@@ -103,8 +105,6 @@ def outside_accesses(events, case) -> list:
 
 
 def sentinel_leaks(case, texts=()) -> list:
-    from .mutate import SENTINEL_TOKEN
-
     found = []
     for t in texts:
         if isinstance(t, str):

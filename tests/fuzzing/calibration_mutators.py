@@ -62,9 +62,10 @@ def c_feeds(feeds: list, ctx) -> Tuple[object, str]:
         return [{k: None for k in feeds[0]}] + feeds, "calibration feeds: None values"
     if how == "string":
         return "calibration.npz", "calibration feeds: a string"
+    first = next(iter(feeds[0].values()), None)  # an earlier mutation may have dropped every array
     if how == "list_of_arrays":
-        return [next(iter(f.values())) for f in feeds], "calibration feeds: arrays, not dicts"
-    return [feeds[0], {"other": next(iter(feeds[0].values()))}], "calibration feeds: second feed names another input"
+        return [first for _ in feeds], "calibration feeds: arrays, not dicts"
+    return [feeds[0], {"other": first}], "calibration feeds: second feed names another input"
 
 
 def npz_bytes(arrays: dict) -> bytes:

@@ -191,7 +191,14 @@ class Fuzzer:
     def run_case(self, index) -> Verdict:
         root = os.path.join(self.workdir, f"case-{index}")
         os.makedirs(root)
-        case = mutate.build_case(self.seed, index, root)
+        try:
+            case = mutate.build_case(self.seed, index, root)
+        except Exception as exc:  # noqa: BLE001 - a mutator bug must not end a long run
+            case = mutate.Case(index, "?", "?", [f"building the case failed: {type(exc).__name__}: {exc}"], b"", {})
+            verdict = Verdict(case, "harness_error", [], case.mutations[0])
+            self._count(verdict)
+            shutil.rmtree(root, ignore_errors=True)
+            return verdict
         try:
             request = lay_out(case, root)
             answer = self.worker.ask(request, self.timeout)

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.fuzzing import harness, mutate, seeds, worker
+from tests.fuzzing import harness, mutate, oracle, seeds
 from tests.fuzzing.context import SENTINEL_BYTES, SENTINEL_NAME, SENTINEL_TOKEN
 from tests.fuzzing.external_mutators import EXTERNAL_HOW
 
@@ -82,7 +82,7 @@ def test_the_oracle_sees_reads_outside_the_models_folder(tmp_path):
               ("open", os.path.join(model_dir, "..", SENTINEL_NAME)), ("open", "/etc/hostname"),
               ("os.rename", os.path.join(req["out_dir"], "x"))]
     req["cwd"] = req["out_dir"]
-    bad = worker.outside_accesses(events, req)
+    bad = oracle.outside_accesses(events, req)
     assert not any("w.bin" in b for b in bad), bad  # inside the folder (also by a relative path)
     assert any("hard.bin" in b for b in bad) and any("link.bin" in b for b in bad)
     assert any(SENTINEL_NAME in b and "link" not in b for b in bad)
@@ -92,10 +92,10 @@ def test_the_oracle_sees_reads_outside_the_models_folder(tmp_path):
 
 def test_the_oracle_sees_sentinel_bytes_in_outputs(tmp_path):
     req = _laid_out(tmp_path)
-    assert worker.sentinel_leaks(req) == []
+    assert oracle.sentinel_leaks(req) == []
     with open(os.path.join(req["out_dir"], "out.onnx.data"), "wb") as f:
         f.write(b"\0" * 100 + SENTINEL_BYTES[5:200])
-    assert worker.sentinel_leaks(req, ["printed text"]) and worker.sentinel_leaks(req, [SENTINEL_TOKEN])
+    assert oracle.sentinel_leaks(req, ["printed text"]) and oracle.sentinel_leaks(req, [SENTINEL_TOKEN])
 
 
 def test_the_oracle_sees_invalid_written_models(tmp_path):
@@ -106,24 +106,24 @@ def test_the_oracle_sees_invalid_written_models(tmp_path):
         f.write(model.SerializeToString())
     req.update(input_full_check=True, stage_file=str(tmp_path / "stage"))
     out = os.path.join(req["out_dir"], "api.onnx")
-    assert worker.check_output(req, {"out_path": out})[0] == "no model"
+    assert oracle.check_output(req, {"out_path": out})[0] == "no model"
     with open(out, "wb") as f:
         f.write(model.SerializeToString())
-    assert worker.check_output(req, {"out_path": out}) is None
+    assert oracle.check_output(req, {"out_path": out}) is None
     unknown_op = seeds.matmul_model(np.random.default_rng(0))[0]
     unknown_op.graph.node[2].op_type = "NoSuchOp"
     with open(out, "wb") as f:
         f.write(unknown_op.SerializeToString())
-    assert worker.check_output(req, {"out_path": out})[0] == "fails onnx.checker"
+    assert oracle.check_output(req, {"out_path": out})[0] == "fails onnx.checker"
     short = seeds.matmul_model(np.random.default_rng(0))[0]
     w2 = next(t for t in short.graph.initializer if t.name == "w2")
     w2.raw_data += b"\0" * 4  # the checker lets extra bytes through; onnxruntime does not
     with open(out, "wb") as f:
         f.write(short.SerializeToString())
-    assert worker.check_output(req, {"out_path": out})[0] == "onnxruntime refuses it (the input loads)"
+    assert oracle.check_output(req, {"out_path": out})[0] == "onnxruntime refuses it (the input loads)"
     scaled = seeds.matmul_model(np.random.default_rng(0))[0]
     w2 = next(t for t in scaled.graph.initializer if t.name == "w2")
     w2.raw_data = (np.frombuffer(w2.raw_data, np.float32) * 2).tobytes()
     with open(out, "wb") as f:
         f.write(scaled.SerializeToString())
-    assert worker.check_output(req, {"out_path": out})[0] == "outputs differ"
+    assert oracle.check_output(req, {"out_path": out})[0] == "outputs differ"

@@ -288,6 +288,55 @@ def test_duplicate_initializers_merged_inside_if():
         assert_equivalent(m, out, feeds={"c": np.array(c), "x": np.array([1.0, -2.0], np.float32)})
 
 
+def _initializer_copies(model):
+    """name -> number of graphs (main and bodies) holding an initializer of that name."""
+    counts = {}
+
+    def walk(g):
+        for t in g.initializer:
+            counts[t.name] = counts.get(t.name, 0) + 1
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(model.graph)
+    return counts
+
+
+def test_weight_read_in_both_branches_is_stored_once():
+    """An outer weight read only inside an If's branches was written into each branch on export:
+    the model grew by one copy per reading graph."""
+    w = np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [], [vi("t", [2, 32])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["e0"]), helper.make_node("Neg", ["e0"], ["e"])],
+                               "else", [], [vi("e", [2, 32])])
+    m = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+                   [vi("c", [], TensorProto.BOOL), vi("x", [2, 32])], [vi("y", [2, 32])], [init("w", w)])
+    out = onnxopt.optimize(m)
+    assert _initializer_copies(out) == {"w": 1}
+    for c in (True, False):
+        assert_equivalent(m, out, feeds={"c": np.array(c), "x": np.ones((2, 32), np.float32)})
+
+
+def test_equal_weights_in_sibling_branches_become_one():
+    """Equal constants of two branches (folding gives each branch its own copy of a weight derived
+    from a shared one) are one tensor, stored once in the graph enclosing both branches."""
+    w = np.random.default_rng(2).standard_normal((32, 32)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["t"])], "then", [], [vi("t", [2, 32])],
+                               [init("wt", w)])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "we"], ["e0"]), helper.make_node("Neg", ["e0"], ["e"])],
+                               "else", [], [vi("e", [2, 32])], [init("we", w.copy())])
+    m = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+                   [vi("c", [], TensorProto.BOOL), vi("x", [2, 32])], [vi("y", [2, 32])])
+    out = onnxopt.optimize(m)
+    copies = _initializer_copies(out)
+    assert sum(copies.values()) == 1 and [t.name for t in out.graph.initializer] == list(copies)
+    onnx.checker.check_model(out, full_check=True)
+    for c in (True, False):
+        assert_equivalent(m, out, feeds={"c": np.array(c), "x": np.ones((2, 32), np.float32)})
+
+
 # ---------------------------------------------------------------------------------------- CSE
 
 def test_cse_merges_equal_nodes():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Iterator, Optional, Union
+from typing import Dict, Iterator, Optional, Union
 
 import numpy as np
 import onnx
@@ -505,6 +505,7 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     if isinstance(template, Source):
         template = template.proto
     model = gs.export_onnx(graph, do_type_check=False)
+    _hoist_shared_initializers(model.graph)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
     model.producer_version = template.producer_version
@@ -558,6 +559,46 @@ def export_model(graph: gs.Graph, template: Union[Source, onnx.ModelProto], hydr
     if hydrate_payloads:
         hydrate(model, graph.__dict__.get("_onnxopt_payloads", []))
     return model
+
+
+def _hoist_shared_initializers(root: onnx.GraphProto) -> None:
+    """One copy of each initializer that graphsurgeon wrote into several graphs of the model.
+
+    graphsurgeon writes a constant as an initializer of every graph whose nodes read it, so a weight
+    read inside both branches of an If (or in a body and around it) was stored once per graph: the
+    model grew with every nesting level. Names are unique across a model and an If/Loop/Scan body may
+    read any tensor of an enclosing graph, so the one copy goes to the innermost graph enclosing all
+    the readers.
+    """
+    where: Dict[str, list] = {}  # name -> [(path of graphs from the root, its TensorProto), ...]
+
+    def visit(g: onnx.GraphProto, path: tuple) -> None:
+        for t in g.initializer:
+            where.setdefault(t.name, []).append((path, t))
+        for node in g.node:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
+                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+                for sub in subs:
+                    visit(sub, path + (sub,))
+
+    visit(root, (root,))
+    for name, copies in where.items():
+        if len(copies) < 2:
+            continue
+        first = copies[0][1]
+        if any(t.SerializeToString() != first.SerializeToString() for _, t in copies[1:]):
+            continue  # not one tensor written several times: leave it to the checker
+        common = 0
+        while all(len(p) > common and p[common] is copies[0][0][common] for p, _ in copies):
+            common += 1
+        home = copies[0][0][common - 1]
+        kept = next((t for p, t in copies if p[-1] is home), None)
+        if kept is None:
+            home.initializer.add().CopyFrom(first)
+        for path, t in copies:
+            if t is not kept:
+                path[-1].initializer.remove(t)
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:

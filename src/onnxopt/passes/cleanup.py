@@ -571,17 +571,23 @@ def _fingerprint(c: gs.Constant) -> Optional[bytes]:
 
 @register_pass
 class MergeDuplicateInitializers(GraphPass):
-    """Make initializers with equal dtype, shape and bytes one tensor (the first one's name wins)."""
+    """Make initializers with equal dtype, shape and bytes one tensor (the first one's name wins).
+
+    Runs over the main graph and every If/Loop/Scan body at once: equal weights in two branches
+    (e.g. the same folded weight in both branches of an If) become one tensor, which the export
+    stores once, in the innermost graph enclosing its readers."""
 
     name = "merge_duplicate_initializers"
     kind = "cleanup"
+    recurse_subgraphs = False
 
     def rewrite(self, graph, scope, ctx):
         consts: Dict[int, gs.Constant] = {}
-        for node in graph.nodes:
-            for t in node.inputs:
-                if isinstance(t, gs.Constant) and not scope.is_boundary(t):
-                    consts.setdefault(id(t), t)
+        for g in _iter_graph_objects(graph):
+            for node in g.nodes:
+                for t in node.inputs:
+                    if isinstance(t, gs.Constant) and not scope.is_boundary(t):
+                        consts.setdefault(id(t), t)
         buckets: Dict[tuple, List[gs.Constant]] = {}
         for c in consts.values():
             dt = onnx_dtype(c)

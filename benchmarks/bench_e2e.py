@@ -1,7 +1,7 @@
 """End-to-end int8: onnxopt's quantization vs onnxruntime fp32 and onnxruntime's own quantizer, per model.
 
     PYTHONPATH=src python benchmarks/bench_e2e.py MODEL.onnx [...] [--data digits_data.npz]
-        [--threads 1] [--rounds 7] [--calib 16] [--variants ...]
+        [--threads 0] [--spinning on|off] [--rounds 7] [--calib 16] [--variants ...]
 
 For every model, in one process:
   fp32            the original model in onnxruntime (ORT_ENABLE_ALL)
@@ -16,7 +16,9 @@ For every model, in one process:
   ort-static      onnxruntime.quantization.quantize_static (QDQ, per-channel s8 weights, u8 activations)
 Latency: batch 1 (symbolic sequence length 128), every variant's session created once, then rounds in
 which the variants run interleaved, each a timed batch of calls sized to ~0.2 s; the median over rounds.
-session.intra_op.allow_spinning=0. Size: bytes of the model with its weights. Fidelity on held-out
+Sessions and the guards' timings at the same settings: onnxruntime's defaults (it picks the intra-op
+thread count, spinning on) unless --threads / --spinning say otherwise. Size: bytes of the model with
+its weights. Fidelity on held-out
 inputs: cosine of the first output against fp32 and top-1 agreement; with --data (digits_data.npz:
 Xtr/ytr/Xte/yte) for a model whose input is [b, 1, 8, 8], test accuracy, and the calibration uses Xtr
 (in batches of --digits-batch, default 1: the guards time at the calibration batch size).
@@ -44,7 +46,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import onnxopt  # noqa: E402
-from onnxopt import ir, runtime, verify  # noqa: E402
+from onnxopt import execution, ir, runtime, verify  # noqa: E402
 from onnxopt.bench import time_sessions  # noqa: E402
 
 SEQ = 128
@@ -52,12 +54,13 @@ VARIANTS = ["fp32", "oo-int8", "oo-int8-ort", "oo-int8-auto", "oo-static", "oo-s
 UNGUARDED = {"tolerance": None, "autotune": False, "eval_fn": None}
 
 
-def int8_preset(threads, **options):
-    """The "int8" preset with the guards on (whatever the defaults), quantize_auto configured."""
+def int8_preset(settings, **options):
+    """The "int8" preset with the guards on (whatever the defaults), timing at `settings`."""
     from onnxopt.passes import base
     from onnxopt.passes.quantize import guard
 
-    guarded = {"tolerance": guard.DEFAULT_TOLERANCE, "autotune": True, "threads": threads, "progress": False}
+    guarded = {"tolerance": guard.DEFAULT_TOLERANCE, "autotune": True, "threads": settings.threads,
+               "spinning": settings.spinning, "progress": False}
     return [base.get_pass(p.name, **{**p.options, **guarded, **options}) if p.name == "quantize_auto" else p
             for p in base.resolve(["int8"])]
 
@@ -80,8 +83,8 @@ def make_feed(specs, rng, batch=1):
     return feed
 
 
-def session(model_or_path, threads):
-    return verify.session(model_or_path, optimization="all", threads=threads)
+def session(model_or_path, settings):
+    return execution.session(model_or_path, "all", settings)
 
 
 class Reader:
@@ -96,7 +99,7 @@ class Reader:
         self.it = iter(self.feeds)
 
 
-def build_variants(path, calib, threads, wanted, tmp):
+def build_variants(path, calib, settings, wanted, tmp):
     """name -> (model or path) for every variant that could be built; errors reported, not raised."""
     out, errors = {}, {}
     t_opt = {}
@@ -108,7 +111,7 @@ def build_variants(path, calib, threads, wanted, tmp):
     def guarded(target):
         suffix = {"onnxruntime": "-ort", "auto": "-auto"}.get(target, "")
         model, reports[f"oo-int8{suffix}"] = onnxopt.optimize(
-            src, int8_preset(threads, target=target), calibration=calib, return_report=True)
+            src, int8_preset(settings, target=target), calibration=calib, return_report=True)
         return model
 
     builders = {
@@ -173,11 +176,11 @@ def bench_model(path, args, digits):
         evals = [make_feed(specs, rng) for _ in range(args.evals)]
         lat_feed = evals[0]
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        models, errors, t_opt, reports = build_variants(path, calib, args.threads, args.variants, tmp)
+        models, errors, t_opt, reports = build_variants(path, calib, args.settings, args.variants, tmp)
         sessions = {}
         for k, m in models.items():
             try:
-                sessions[k] = session(m, args.threads)
+                sessions[k] = session(m, args.settings)
             except Exception as e:  # noqa: BLE001
                 errors[k] = f"session: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
         rows = {}
@@ -212,7 +215,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--data", help="digits_data.npz (Xtr/ytr/Xte/yte) for the digits CNN")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime picks)")
+    ap.add_argument("--spinning", choices=["on", "off"], default=None, help="default: onnxruntime's")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calib", type=int, default=8, help="calibration batches (random inputs)")
     ap.add_argument("--evals", type=int, default=4, help="held-out random inputs for fidelity")
@@ -221,11 +225,12 @@ def main():
     ap.add_argument("--digits-batch", type=int, default=1, help="calibration batch for the digits CNN")
     args = ap.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
+    args.settings = execution.Settings(args.threads, None if args.spinning is None else args.spinning == "on")
     if "fp32" not in args.variants:
         args.variants.insert(0, "fp32")
     digits = dict(np.load(args.data)) if args.data else None
     print(f"onnxruntime {ort.__version__}, native ops: {runtime.custom_ops_library() is not None}, "
-          f"threads {args.threads}, rounds {args.rounds}, batch 1")
+          f"{args.settings.describe()}, rounds {args.rounds}, batch 1")
     hdr = (f"{'model':<18} {'variant':<14} {'ms':>9} {'x fp32':>7} {'MB':>8} {'size':>6} {'cos':>8} {'top1':>6} "
            f"{'acc':>6} {'opt s':>6}")
     print(hdr)

@@ -439,3 +439,21 @@ def test_static_onnxruntime_target_keeps_an_unrepresentable_bias_in_float():
     assert "Add" in [n.op_type for n in q.graph.node]
     x = (rng.standard_normal((3, 128)) * 1e-12).astype(F32)
     assert cosine(run_int8(q, {"x": x})[0], verify.run(model, {"x": x})[0]) > 0.999
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_onnxruntime_target_below_opset_13_writes_per_tensor_weights(opset):
+    """issue 12 cause 1: DequantizeLinear has no `axis` before opset 13; per-channel weights written
+    into an opset 11/12 model made an invalid model onnxruntime refused."""
+    from .test_quantize_chain import calib, chain_net
+    m = chain_net(4)
+    m.opset_import[0].version = opset
+    q = onnxopt.optimize(m, ["default", onnxopt.get_pass("quantize_static", target="onnxruntime", min_macs=0,
+                                                         progress=False)], calibration=calib(n=4))
+    onnx.checker.check_model(q, full_check=True)
+    assert [o.version for o in q.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert dqs and not any(a.name == "axis" for n in dqs for a in n.attribute)
+    x = calib(seed=5, n=1)[0]["x"]
+    ref, got = verify.run(m, {"x": x})[0], verify.run(q, {"x": x}, optimization="all")[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99

@@ -3,14 +3,12 @@ rounds, measured in one process), size, node count and output fidelity."""
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
 
-from . import ir, verify
+from . import execution, ir, verify
 
 
 @dataclasses.dataclass
@@ -57,27 +55,8 @@ def _human(n: int) -> str:
 
 def time_sessions(sessions, feeds: Dict[str, np.ndarray], rounds: int = 7, min_time: float = 0.05,
                   progress: bool = False) -> List[float]:
-    """Median milliseconds per run of each session, measured interleaved round by round."""
-    for s in sessions:  # warm-up
-        s.run(None, feeds)
-    per_round_runs = []
-    for s in sessions:
-        t0 = time.perf_counter()
-        s.run(None, feeds)
-        dt = max(time.perf_counter() - t0, 1e-6)
-        per_round_runs.append(max(1, int(min_time / dt)))
-    samples = [[] for _ in sessions]
-    for r in range(rounds):
-        for i, s in enumerate(sessions):
-            n = per_round_runs[i]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                s.run(None, feeds)
-            samples[i].append((time.perf_counter() - t0) / n * 1e3)
-        if progress:
-            print(f"\r  timing: round {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    """Median milliseconds per run of each session on `feeds`, measured interleaved round by round."""
+    samples = execution.time_pairs([(s, feeds) for s in sessions], rounds, min_time, progress)
     return [float(np.median(s)) for s in samples]
 
 

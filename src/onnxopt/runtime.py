@@ -34,7 +34,6 @@ DISABLE_ENV = "ONNXOPT_DISABLE_NATIVE_OPS"
 LIBRARY_ENV = "ONNXOPT_OPS_LIBRARY"  # explicit path of libonnxopt_ops (e.g. a build tree's)
 _LIB_NAME = {"win32": "onnxopt_ops.dll", "darwin": "libonnxopt_ops.dylib"}.get(sys.platform, "libonnxopt_ops.so")
 _REGISTERED_KEY = "onnxopt.custom_ops"  # session config entry marking options we already set up
-_SPINNING_KEY = "session.intra_op.allow_spinning"
 _THREADS_KEY = "onnxopt.intra_op_num_threads"  # read by libonnxopt_ops at registration
 _PROTO_LIMIT = 1_800_000_000  # protobuf refuses messages over 2 GiB; stay clear of it
 
@@ -110,14 +109,13 @@ class InferenceSession(ort.InferenceSession):
 
     ``model`` is a path, serialized bytes or an ``onnx.ModelProto`` (models over ~1.8 GB go through a
     temporary file with external data). The custom ops are registered in ``sess_options`` (a new
-    SessionOptions if None), intra-op spinning is turned off unless the options say otherwise, and
-    ``providers`` defaults to the CPU provider.
+    SessionOptions if None) and ``providers`` defaults to the CPU provider; nothing else of
+    onnxruntime's defaults changes (thread count, spinning: users compare against plain onnxruntime).
+    The native ops read the thread count and spinning from the options when they are registered.
     """
 
     def __init__(self, model, sess_options=None, providers=None, **kw):
         so = ort.SessionOptions() if sess_options is None else sess_options
-        if _config(so, _SPINNING_KEY) is None:
-            so.add_session_config_entry(_SPINNING_KEY, "0")
         providers = ["CPUExecutionProvider"] if providers is None else providers
         self._onnxopt_fallback_id = None
         self.onnxopt_backend = "none"

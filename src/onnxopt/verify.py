@@ -2,14 +2,12 @@
 verify=True's bisection that names the first pass that broke a model."""
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
 
-from . import ir
+from . import execution, ir
 from .errors import VerificationError
 
 DEFAULT_DIM = 2  # value for symbolic / unknown dimensions
@@ -73,36 +71,9 @@ def sample_feeds(model: onnx.ModelProto, calibration=None, seed: int = 0) -> Dic
 
 
 def session(model, optimization: str = "disable", threads: int = 1, tmpdir: Optional[str] = None):
-    """An onnxruntime session for `model` (ModelProto or path), spinning off; the custom-op
-    library is registered when the model uses com.onnxopt ops."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    if not isinstance(model, onnx.ModelProto):  # a path: only the structure is read to decide
-        path = os.fspath(model)
-        model = onnx.load(path, load_external_data=False)
-        if not any(o.domain == "com.onnxopt" for o in model.opset_import):
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        model = onnx.load(path)
-    if any(o.domain == "com.onnxopt" for o in model.opset_import):
-        from .runtime import InferenceSession  # registers the custom-op library (or its fallback)
-
-        return InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
-    if ir.needs_external(model):
-        tmpdir = tmpdir or tempfile.mkdtemp(prefix="onnxopt-verify-")
-        path = os.path.join(tmpdir, "model.onnx")
-        ir.save(model, path)
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    """An onnxruntime session for `model` (ModelProto or path) at `threads` threads, spinning off
+    (checks, not timing: they should not hold cores spinning); see execution.session."""
+    return execution.session(model, optimization, execution.Settings(threads, spinning=False), tmpdir)
 
 
 def run(model: onnx.ModelProto, feeds: Dict[str, np.ndarray], **kw) -> List[np.ndarray]:

@@ -320,8 +320,11 @@ class Emitter:
                if site.node.op == "Gemm" else 1.0, layout, site.upsample.key if site.upsample is not None else None)
         hit = self._weights.get(key)
         if hit is None:
-            axis = 1 if site.kind == "gemm" else 0
-            q, s = quantize_weight(site.weight, axis)
+            if layout == "ort-per-tensor":
+                q, s = quantize_weight(np.asarray(site.weight).reshape(1, -1), 0)
+                q = q.reshape(site.weight.shape)
+            else:
+                q, s = quantize_weight(site.weight, 1 if site.kind == "gemm" else 0)
             base = site.weight_tensor.name or "w"
             hit = (self.const(f"{base}_q", q), self.const(f"{base}_scale", s), q, s)
             self._weights[key] = hit
@@ -464,12 +467,17 @@ def lower_static_ort(em: Emitter, site: Site, xd: gs.Variable, x_scale: np.float
     (onnxruntime folds it into the quantized op)."""
     if site.upsample is not None:  # quantize_static refuses them for this target
         raise ValueError("ConvTranspose sites are lowered for the onnxopt target only")
-    wq, ws_c, _, ws = em.weights(site, "ort")
+    # DequantizeLinear's `axis` (per-channel scales) arrived in opset 13: below it the weights get one
+    # scale, a form valid at the model's opset (the accuracy guard judges what that costs).
+    per_channel = em.ctx.opset() >= 13
+    wq, ws_c, _, ws = em.weights(site, "ort" if per_channel else "ort-per-tensor")
     base = site.node.name or site.node.op
-    zeros = em.const("w_zp", np.zeros(len(ws), np.int8))
+    axis = {"axis": 1 if site.kind == "gemm" else 0} if per_channel else {}
+    zeros = em.const("w_zp", np.zeros(len(ws), np.int8) if per_channel else np.int8(0))
+    if not per_channel:
+        ws_c = em.const("w_scale", ws.reshape(()))
     wd = em.var("w_dq", F32, list(site.weight.shape))
-    axis = 1 if site.kind == "gemm" else 0
-    em.node("DequantizeLinear", [wq, ws_c, zeros], [wd], f"{base}_wDQ", axis=axis)
+    em.node("DequantizeLinear", [wq, ws_c, zeros], [wd], f"{base}_wDQ", **axis)
     if site.kind == "conv":
         y = em.var("y", F32)
         attrs = {k: v for k, v in site.node.attrs.items()}
@@ -477,7 +485,7 @@ def lower_static_ort(em: Emitter, site: Site, xd: gs.Variable, x_scale: np.float
         last = em.node("Conv", [xd, wd] + ([bias] if bias is not None else []), [y], f"{base}_conv", **attrs)
         site = dataclasses.replace(site, bias=None)
     else:
-        n = len(ws)
+        n = int(site.weight.shape[1])
         bscale = (F32(x_scale) * ws).astype(F32)
         b = site.bias if site.bias is not None else np.zeros(n, F32)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -486,8 +494,9 @@ def lower_static_ort(em: Emitter, site: Site, xd: gs.Variable, x_scale: np.float
         bd = None
         if not float_bias:  # the int32 bias onnxruntime's QGemm wants (scale x_scale * w_scale)
             bd = em.var("b_dq", F32, [n])
+            bscale = bscale if per_channel else bscale.reshape(())
             em.node("DequantizeLinear", [em.const("bias_q", bq64.astype(np.int32)), em.const("bias_scale", bscale)],
-                    [bd], f"{base}_bDQ", axis=0)
+                    [bd], f"{base}_bDQ", **({"axis": 0} if per_channel else {}))
         rank = len(site.x.shape)
         inp = xd
         if rank > 2:

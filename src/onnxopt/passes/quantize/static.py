@@ -179,11 +179,12 @@ class QuantizeAuto(Pass):
         dims = {d.dim_param: (1 if i == 0 else 128) for vi in fp32.graph.input
                 for i, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param}
         feed = verify.make_feeds(fp32, seed=0, dims=dims)
-        timer = opts["timer"] or (lambda models, feeds: guard.time_models(models, feeds, int(opts["threads"])))
-        tf, tq = (float(t) for t in timer([fp32, int8], [feed, feed]))
+        clock = guard.clock_of(opts)
+        v, t = clock.decide([fp32, int8], [feed, feed], lambda t: guard.pays(t[0], t[1], float(opts["min_speedup"])))
+        tf, tq = t[0].median, t[1].median
         speed = tf / tq if tq > 0 else float("inf")
-        verdict = "keeps int8" if speed >= float(opts["min_speedup"]) else \
-            "kept fp32: nothing worth quantizing, the result is the optimized fp32 model"
+        keep = v if v is not None else guard.not_slower(t[1], t[0], spread=False)
+        verdict = "keeps int8" if keep else "kept fp32: nothing worth quantizing, the result is the optimized fp32 model"
         ctx.note(f"guard: dynamic int8 {tq:.3f} ms vs fp32 {tf:.3f} ms = {speed:.2f}x on generated inputs "
-                 f"(min {float(opts['min_speedup']):g}x, {opts['threads']} thread(s)): {verdict}")
-        return speed >= float(opts["min_speedup"])
+                 f"(min {float(opts['min_speedup']):g}x, at {clock.settings.describe()}): {verdict}")
+        return keep

@@ -1,12 +1,18 @@
 """int8 kernel benchmark: onnxopt GEMM / conv against onnxruntime in the same process.
 
 For every shape: our GOP/s at 1 and 2 threads, onnxruntime MatMulInteger (QLinearConv for convs)
-and fp32 MatMul/Conv with matched intra_op_num_threads (spinning off), the ratio to ORT int8 and
-the fraction of the VNNI ceiling (vpdpbusd zmm: 64 MAC = 128 ops per cycle per core).
+and fp32 MatMul/Conv with matched intra_op_num_threads (spinning off), torch's FBGEMM
+`quantized::linear` (AVX-512 VNNI / AVX2, never AMX) when torch is installed, the ratios, and the
+fraction of this core's measured peak for the instruction mix of the active ISA path
+(onnxopt._kernels.peak_probe: vpdpbusd zmm for avx512vnni, vpmaddwd ymm for the widened avx2 path).
+oneDNN with ONEDNN_MAX_CPU_ISA capped to the active path's ISA (AVX512_CORE_VNNI or AVX2) is a
+second same-ISA reference; the cap must be set before oneDNN's first use, so it runs in a
+subprocess (--onednn-worker) that times our GEMM against it, interleaved, in that process.
 Measurements are interleaved (every implementation once per round, rounds repeated) and the
 median per-call time is reported. Prints a table and a final summary line.
 
-    PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--ghz 3.65|auto] [--rounds N]
+    PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--rounds N] [--no-torch]
+    ONNXOPT_ISA=avx2 PYTHONPATH=src python benchmarks/bench_kernels.py --quick   # the AVX2 path
 
 Notes: our GEMM is qgemm_u8 (u8 in, zero points, float out with per-column scale), ORT's is
 MatMulInteger (u8 x s8 -> int32, no output stage). Our conv takes float32 NCHW and quantizes
@@ -23,10 +29,15 @@ import statistics
 import sys
 import time
 
+import json
+import subprocess
+
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+# torch's OpenMP pool spins like onnxruntime's would: off on every side (as the ORT sessions below)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import onnxopt.kernels as K  # noqa: E402
 
@@ -86,6 +97,64 @@ def ort_matmul_f32(x, wf, threads):
     return lambda: s.run(None, {"X": x})
 
 
+def torch_qlinear(engine, a, w, threads):
+    """torch's quantized::linear (u8 in, u8 out, requantized) on `engine`, or None without torch."""
+    try:
+        import warnings
+
+        import torch
+    except ImportError:
+        return None
+    if engine not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensor creation is deprecated, still the way in
+        qx = torch._make_per_tensor_quantized_tensor(torch.from_numpy(a), 0.02, 128)
+        qw = torch._make_per_tensor_quantized_tensor(torch.from_numpy(np.ascontiguousarray(w.T)), 0.01, 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+
+    def run():
+        torch.set_num_threads(threads)
+        return torch.ops.quantized.linear(qx, packed, 0.05, 128)
+    return run
+
+
+# the instruction mix (peak_probe name) each ISA path's micro-kernel runs (avx2 with 7-bit weights:
+# vpmaddubsw_ymm, see main)
+PATH_PEAK = {"avx512vnni": "vpdpbusd_zmm", "amx": "vpdpbusd_zmm", "avx2": "vpmaddwd_ymm"}
+ONEDNN_CAP = {"avx512vnni": "AVX512_CORE_VNNI", "amx": "AVX512_CORE_VNNI", "avx2": "AVX2"}
+
+
+def onednn_worker(cap, shapes, rounds, target, wbits):
+    """In a process started with ONEDNN_MAX_CPU_ISA=cap: ours vs torch's onednn engine, interleaved."""
+    rng = np.random.default_rng(0)
+    for (M, Kd, N) in shapes:
+        a = rng.integers(0, 256, (M, Kd)).astype(np.uint8)
+        w = rng.integers(-(1 << (wbits - 1)), 1 << (wbits - 1), (Kd, N)).astype(np.int8)
+        pw, ws = K.pack_weights(w), np.full(N, 0.01, np.float32)
+        fns = {}
+        for t in (1, 2):
+            fns[f"ours{t}"] = (lambda t=t: K.qgemm_u8(a, 128, 0.02, pw, ws, out_scale=0.05, out_zp=128, threads=t))
+            fns[f"dnnl{t}"] = torch_qlinear("onednn", a, w, t)
+        res = measure(fns, rounds, target)
+        print(json.dumps({"shape": [M, Kd, N], "cap": cap, **{k: 2 * M * Kd * N / v / 1e9 for k, v in res.items()}}),
+              flush=True)
+
+
+def run_onednn(cap, shapes, rounds, quick, wbits):
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=cap)
+    cmd = [sys.executable, os.path.abspath(__file__), "--onednn-worker", cap, "--rounds", str(rounds),
+           "--wbits", str(wbits), "--only", "gemm"]
+    if quick:
+        cmd.append("--quick")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        print(f"(oneDNN {cap} worker failed: {out.stderr.strip().splitlines()[-1:]})")
+        return []
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
 def conv_attrs(k, stride, pad, group):
     return dict(kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4, group=group)
 
@@ -138,30 +207,41 @@ def fmt(v, width=8, prec=1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
-    ap.add_argument("--ghz", default="3.65", help="core clock for the VNNI ceiling, or 'auto' to estimate it")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-numba", action="store_true", help="skip the numba backend column")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch FBGEMM / oneDNN references")
     ap.add_argument("--only", choices=("gemm", "conv"), default=None, help="run only the GEMM or the conv table")
+    ap.add_argument("--wbits", type=int, choices=(7, 8), default=8,
+                    help="weight range: 8 = all of s8, 7 = [-64, 63] (the AVX2 path then runs vpmaddubsw)")
+    ap.add_argument("--onednn-worker", metavar="CAP", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     target = 0.02 if args.quick else 0.05
+    gemms = [] if args.only == "conv" else QUICK_GEMM if args.quick else GEMM_SHAPES
+    if args.onednn_worker:
+        onednn_worker(args.onednn_worker, [g for g in gemms if g[0] >= 16], rounds, target, args.wbits)
+        return
     info = K.info()
     if not info["native_available"]:
         sys.exit("native kernels not built (tools/dev_build.sh)")
     import onnxopt._kernels as native
-    est = native.estimate_ghz()
-    ghz = est if args.ghz == "auto" else float(args.ghz)
-    ceiling = 128 * ghz  # GOP/s per core
-    print(f"onnxopt kernels: isa={info['isa']} onnxruntime {ort.__version__} cores={os.cpu_count()} "
-          f"clock={ghz:.2f} GHz (estimated {est:.2f}) VNNI ceiling {ceiling:.0f} GOP/s/core")
+    isa = info["isa"]
+    peaks = {name: native.peak_probe(name, 0.3) for name in native.peak_probe_names()}
+    peak_name = "vpmaddubsw_ymm" if isa == "avx2" and args.wbits == 7 else PATH_PEAK.get(isa)
+    ceiling = peaks.get(peak_name, float("nan"))  # GOP/s of one core for the path in use
+    print(f"onnxopt kernels: isa={isa} onnxruntime {ort.__version__} cores={os.cpu_count()}; measured peaks "
+          f"GOP/s/core: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+    print(f"peak of the {isa} path ({peak_name}): {ceiling:.0f} GOP/s/core; weights {args.wbits}-bit")
     rng = np.random.default_rng(0)
+    wbits = args.wbits
     rows = []
 
-    gemms = [] if args.only == "conv" else QUICK_GEMM if args.quick else GEMM_SHAPES
-    print(f"\nGEMM (M,K,N)          ours1T  ours2T  mlas1T  mlas2T  fp32_1T fp32_2T  r1T   r2T  ceil1T  numba   [GOP/s]")
+    use_torch = not args.no_torch and torch_qlinear("fbgemm", np.zeros((1, 4), np.uint8), np.zeros((4, 4), np.int8), 1)
+    print("\nGEMM (M,K,N)          ours1T  ours2T  mlas1T  mlas2T  fbg1T   fbg2T   fp32_1T fp32_2T  rM1T  rM2T  rF1T  "
+          "rF2T  peak1T  numba   [GOP/s; rM: vs MLAS, rF: vs FBGEMM]")
     for (M, Kd, N) in gemms:
         a = rng.integers(0, 256, (M, Kd)).astype(np.uint8)
-        w = rng.integers(-128, 128, (Kd, N)).astype(np.int8)
+        w = rng.integers(-(1 << (wbits - 1)), 1 << (wbits - 1), (Kd, N)).astype(np.int8)
         x = rng.standard_normal((M, Kd)).astype(np.float32)
         wf = w.astype(np.float32)
         pw = K.pack_weights(w)
@@ -171,6 +251,8 @@ def main():
             fns[f"ours{t}"] = (lambda t=t: K.qgemm_u8(a, 128, 0.02, pw, ws, threads=t))
             fns[f"mlas{t}"] = ort_matmulinteger(a, w, t)
             fns[f"fp32{t}"] = ort_matmul_f32(x, wf, t)
+            if use_torch:
+                fns[f"fbg{t}"] = torch_qlinear("fbgemm", a, w, t)
         res = measure(fns, rounds, target)
         numba_gops = None
         if not args.no_numba and M * Kd * N <= 2e8:
@@ -180,17 +262,29 @@ def main():
             numba_gops = 2 * M * Kd * N / (time.perf_counter() - t0) / 1e9
         g = {k: 2 * M * Kd * N / v / 1e9 for k, v in res.items()}
         r1, r2 = g["ours1"] / g["mlas1"], g["ours2"] / g["mlas2"]
-        rows.append(("gemm", (M, Kd, N), r1, r2, g["ours1"] / ceiling))
+        f1, f2 = (g["ours1"] / g["fbg1"], g["ours2"] / g["fbg2"]) if use_torch else (None, None)
+        rows.append(("gemm", (M, Kd, N), r1, r2, g["ours1"] / ceiling, f1, f2))
         print(f"{str((M, Kd, N)):20s} {fmt(g['ours1'])}{fmt(g['ours2'])}{fmt(g['mlas1'])}{fmt(g['mlas2'])}"
-              f"{fmt(g['fp32' + '1'])}{fmt(g['fp322'])} {r1:5.2f} {r2:5.2f} {100 * g['ours1'] / ceiling:6.1f}%"
-              f"{fmt(numba_gops, 8, 2)}", flush=True)
+              f"{fmt(g.get('fbg1'))}{fmt(g.get('fbg2'))}{fmt(g['fp321'])}{fmt(g['fp322'])} {r1:5.2f} {r2:5.2f} "
+              f"{fmt(f1, 5, 2)} {fmt(f2, 5, 2)} {100 * g['ours1'] / ceiling:6.1f}%{fmt(numba_gops, 8, 2)}", flush=True)
+
+    dnnl = []
+    cap = ONEDNN_CAP.get(isa)
+    if gemms and use_torch and cap:
+        dnnl = run_onednn(cap, gemms, rounds, args.quick, args.wbits)
+        print(f"\nGEMM vs torch oneDNN capped at {cap} (u8 out on both sides; subprocess, interleaved there)")
+        print("GEMM (M,K,N)          ours1T  ours2T  dnnl1T  dnnl2T   r1T   r2T  peak1T")
+        for d in dnnl:
+            print(f"{str(tuple(d['shape'])):20s} {fmt(d['ours1'])}{fmt(d['ours2'])}{fmt(d['dnnl1'])}{fmt(d['dnnl2'])} "
+                  f"{d['ours1'] / d['dnnl1']:5.2f} {d['ours2'] / d['dnnl2']:5.2f} {100 * d['ours1'] / ceiling:6.1f}%")
 
     convs = [] if args.only == "gemm" else QUICK_CONVS if args.quick else CONVS
-    print(f"\nConv (NCHW, N=1)      ours1T  ours2T  st1T    qlc1T   qlc2T   fp32_1T fp32_2T  r1T   r2T  vsfp32 vs32st [GOP/s]")
+    if convs:
+        print(f"\nConv (NCHW, N=1)      ours1T  ours2T  st1T    qlc1T   qlc2T   fp32_1T fp32_2T  r1T   r2T  vsfp32 vs32st [GOP/s]")
     for (name, C, M, HW, k, stride, pad, group) in convs:
         x = rng.standard_normal((1, C, HW, HW)).astype(np.float32)
         xq = rng.integers(0, 256, x.shape).astype(np.uint8)
-        w = rng.integers(-128, 128, (M, C // group, k, k)).astype(np.int8)
+        w = rng.integers(-(1 << (wbits - 1)), 1 << (wbits - 1), (M, C // group, k, k)).astype(np.int8)
         wf = w.astype(np.float32)
         pc = K.pack_conv_weights(w, group, (stride, stride), (pad,) * 4)
         ws = np.full(M, 0.01, np.float32)
@@ -217,20 +311,27 @@ def main():
 
     gr = [r for r in rows if r[0] == "gemm"]
     cr = [r for r in rows if r[0] == "conv"]
-    geo = lambda v: float(np.exp(np.mean(np.log(v))))  # noqa: E731
-    m16 = [r[2] for r in gr if r[1][0] >= 16]
-    if not gr or not cr:
-        part = gr or cr
-        print(f"\nSUMMARY {part[0][0] if part else ''} 1T geomean {geo([r[2] for r in part]):.2f}x, "
-              f"2T geomean {geo([r[3] for r in part]):.2f}x (partial run: --only)")
-        return
-    print(f"\nSUMMARY gemm vs MLAS 1T: geomean {geo([r[2] for r in gr]):.2f}x, min(M>=16) "
-          f"{min(m16) if m16 else float('nan'):.2f}x, M=1 {[round(r[2], 2) for r in gr if r[1][0] == 1]}; "
-          f"2T geomean {geo([r[3] for r in gr]):.2f}x; best VNNI-ceiling fraction 1T {100 * max(r[4] for r in gr):.0f}% "
-          f"@{ghz:.2f}GHz; conv vs QLinearConv 1T geomean {geo([r[2] for r in cr]):.2f}x, vs fp32 Conv 1T geomean "
-          f"{geo([r[4] for r in cr]):.2f}x (static {geo([r[5] for r in cr]):.2f}x), ResNet-50 layers min "
-          f"{min(r[4] for r in cr if r[1].startswith('r50')):.2f}x dynamic / "
-          f"{min(r[5] for r in cr if r[1].startswith('r50')):.2f}x static")
+    geo = lambda v: float(np.exp(np.mean(np.log(v)))) if len(v) else float("nan")  # noqa: E731
+    parts = []
+    if gr:
+        m16 = [r for r in gr if r[1][0] >= 16]
+        parts.append(f"gemm[{isa}] vs MLAS 1T geomean {geo([r[2] for r in gr]):.2f}x min(M>=16) "
+                     f"{min((r[2] for r in m16), default=float('nan')):.2f}x, 2T geomean {geo([r[3] for r in gr]):.2f}x "
+                     f"min(M>=16) {min((r[3] for r in m16), default=float('nan')):.2f}x")
+        if use_torch:
+            parts.append(f"vs FBGEMM min(M>=16) 1T {min(r[5] for r in m16):.2f}x 2T {min(r[6] for r in m16):.2f}x")
+        if dnnl:
+            parts.append(f"vs oneDNN[{cap}] min 1T {min(d['ours1'] / d['dnnl1'] for d in dnnl):.2f}x "
+                         f"2T {min(d['ours2'] / d['dnnl2'] for d in dnnl):.2f}x")
+        parts.append(f"peak fraction 1T (M>=16) {100 * min(r[4] for r in m16):.0f}-{100 * max(r[4] for r in m16):.0f}% "
+                     f"of {ceiling:.0f} GOP/s ({peak_name})")
+    if cr:
+        r50 = [r for r in cr if r[1].startswith("r50")]
+        parts.append(f"conv vs QLinearConv 1T geomean {geo([r[2] for r in cr]):.2f}x, vs fp32 Conv 1T geomean "
+                     f"{geo([r[4] for r in cr]):.2f}x (static {geo([r[5] for r in cr]):.2f}x)" +
+                     (f", ResNet-50 layers min {min(r[4] for r in r50):.2f}x dynamic / {min(r[5] for r in r50):.2f}x static"
+                      if r50 else ""))
+    print("\nSUMMARY " + "; ".join(parts))
 
 
 if __name__ == "__main__":

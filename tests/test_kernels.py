@@ -361,6 +361,63 @@ def test_qconv2d_bit_exact(isa, ci):
         assert_bits(got, ref)
 
 
+AVX2_PARAM = [p for p in ISA_PARAMS if (p if isinstance(p, str) else p.values[0]) == "avx2"]
+
+
+@pytest.mark.parametrize("isa", AVX2_PARAM)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_qgemm_avx2_u8_kernel_bit_exact(isa, shape):
+    # 7-bit weights: no k-pair can saturate vpmaddubsw, so pack_weights picks the u8 kernel
+    rng = np.random.default_rng(7 + hash(shape) % 2**31)
+    for cfg in CONFIGS:
+        c = make_gemm_case(rng, *shape, cfg)
+        c["w"] = rng.integers(-64, 64, c["w"].shape).astype(np.int8)
+        pw = K.pack_weights(c["w"], c["w_zp"], isa=isa)
+        assert pw.native().kernel == "avx2-u8"
+        assert_bits(run_qgemm(c, pw, backend="native"), ref_of(c))
+
+
+@pytest.mark.parametrize("isa", AVX2_PARAM)
+def test_avx2_kernel_choice_at_the_int16_boundary(isa):
+    # k-pairs summing to +-128 (255 * 128 = 32640 fits int16) keep the u8 kernel; one pair past it
+    # anywhere (odd K: the last row pairs with a zero) selects the widened kernel; both exact with
+    # all activations at 255 (and at 0 / 255 alternating)
+    Kd, N = 33, 19
+    a = np.full((7, Kd), 255, np.uint8)
+    a[1] = 0
+    a[2, ::2] = 0
+    for pair, kernel in (((127, 1), "avx2-u8"), ((-128, 0), "avx2-u8"), ((-64, -64), "avx2-u8"),
+                         ((100, 28), "avx2-u8"), ((127, 2), "avx2-s16"), ((-128, -1), "avx2-s16"),
+                         ((-65, -64), "avx2-s16")):
+        w = np.zeros((Kd, N), np.int8)
+        w[0:32:2, :] = pair[0]
+        w[1:32:2, :] = pair[1]
+        w[32, :] = -128  # pairs with the zero padding
+        w[:, 3] = np.resize(np.array([64, -64, 63, -63], np.int8), Kd)
+        pw = K.pack_weights(w, isa=isa)
+        assert pw.native().kernel == kernel, pair
+        got = K.qgemm_u8(a, np.uint8(0), F32(1), pw, F32(1))
+        assert np.array_equal(got, (a.astype(np.int64) @ w.astype(np.int64)).astype(F32)), pair
+    w = np.zeros((Kd, N), np.int8)
+    w[0:32:2, :], w[1:32:2, :] = 64, 64
+    w[4, 7], w[5, 7] = 127, 2  # one column, one pair past the bound
+    assert K.pack_weights(w, isa=isa).native().kernel == "avx2-s16"
+
+
+@pytest.mark.parametrize("isa", AVX2_PARAM)
+@pytest.mark.parametrize("ci", range(len(CONV_CASES)))
+def test_qconv2d_avx2_u8_kernel_bit_exact(isa, ci):
+    cs = CONV_CASES[ci]
+    rng = np.random.default_rng(300 + ci)
+    x, w, ws, bias = make_conv_case(rng, cs)
+    w = rng.integers(-64, 64, w.shape).astype(np.int8)
+    pc = K.pack_conv_weights(w, cs["group"], cs["strides"], cs["pads"], cs["dil"], isa=isa)
+    for act, clip, b, xs in (("none", None, None, None), ("clip", (-0.5, 0.8), bias, 0.04)):
+        got = K.qconv2d(x, pc, ws, b, act, clip, x_scale=xs, x_zp=None if xs is None else 120, backend="native")
+        ref = ref_qconv(x, w, ws, b, cs["group"], cs["strides"], cs["pads"], cs["dil"], act, clip, xs, 120)
+        assert_bits(got, ref)
+
+
 def ref_residual(y, r, act, clip):
     v = (y + r).astype(F32)
     if act == "relu":
@@ -606,3 +663,62 @@ def test_env_forces_numba_backend():
     env = dict(os.environ, ONNXOPT_KERNELS="numba")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "numba"
+
+
+# ---------------------------------------------------------------------------------- code generation
+# tools/check_codegen.py counts vpdpbusd / vpmaddwd, loop-carried zmm moves and stack stores in the
+# built library's dot-product loops: GCC 12 once put two moves around every vpdpbusd and spilled
+# accumulators inside the k-loop (half the speed on Zen 4) while clang did not.
+_TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+needs_objdump = pytest.mark.skipif(__import__("shutil").which("objdump") is None, reason="objdump not installed")
+
+
+def _check_codegen():
+    sys.path.insert(0, _TOOLS)
+    try:
+        import check_codegen
+    finally:
+        sys.path.remove(_TOOLS)
+    return check_codegen
+
+
+@needs_native
+@needs_objdump
+def test_hot_loops_have_no_accumulator_moves_or_spills():
+    import onnxopt._kernels as native
+
+    if not native.info()["release_codegen"]:
+        pytest.skip("sanitized or unoptimized build: its loops are not the shipped code")
+
+    cg = _check_codegen()
+    found = cg.loops(cg._objdump(native.__file__))
+    big = [lp for lp in found if lp["dots"] >= 16]  # GEMM and direct-conv micro-tiles
+    assert big, "no GEMM micro-kernel loop found in the built module"
+    assert max(lp["dots"] for lp in found) >= 24  # the 6x4 GEMM tile / 8x3 direct-conv tile
+    assert all(lp["spills"] == 0 for lp in found), [lp for lp in found if lp["spills"]]
+    assert all(lp["moves"] == 0 for lp in big), [lp for lp in big if lp["moves"]]
+    assert all(lp["moves"] <= 0.25 * lp["dots"] for lp in found)
+
+
+_BAD_LOOP = """
+0000000000001000 <kernel>:
+    1000:	vmovdqa64 (%rcx),%zmm4
+    1006:	vpbroadcastd (%rdx),%zmm0
+    100c:	vmovdqa32 %zmm31,%zmm6
+    1012:	vpdpbusd %zmm4,%zmm0,%zmm6
+    1018:	vmovdqa32 %zmm6,0x3c8(%rsp)
+    1020:	vmovdqa64 %zmm6,%zmm31
+    1026:	vmovdqa32 %zmm12,%zmm7
+    102c:	vpdpbusd 0x40(%rsp),%zmm0,%zmm7
+    1032:	cmp    %esi,%edi
+    1034:	jg     1000 <kernel+0x0>
+    103a:	ret
+"""
+
+
+def test_codegen_check_flags_moves_and_spills():
+    cg = _check_codegen()
+    (lp,) = cg.loops(cg.parse_objdump(_BAD_LOOP))
+    # zmm31 -> zmm6 copies the loop-carried accumulator (zmm31 is written back in the loop); the
+    # copy of zmm12 (never written in the loop) is an initialisation, not counted
+    assert (lp["dots"], lp["moves"], lp["spills"], lp["reloads"]) == (2, 2, 1, 1)

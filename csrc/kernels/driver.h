@@ -13,6 +13,7 @@ class PackedB final : public PackedWeights {
   int K() const override { return K_; }
   int N() const override { return N_; }
   Isa isa() const override { return ops->isa; }
+  const char* kernel() const override { return ops->kernel; }
   const void* panel(int p) const { return data.get() + static_cast<std::size_t>(p) * panel_bytes; }
   int panels() const { return (N_ + ops->NR * ops->NB - 1) / (ops->NR * ops->NB); }
 

@@ -113,10 +113,14 @@ struct IsaOps {
   void (*quant_plane)(const float* x, int H, int W, float scale, float zpf, std::uint8_t* dst, int ldd) = nullptr;
   // Quantize n floats of 4 channel rows (x[i] null: the zero point) into n interleaved 4-byte pixels.
   void (*quant_pack4)(const float* const* x, int n, float scale, float zpf, std::uint8_t* dst) = nullptr;
+  const char* kernel = "";  // the micro-kernel's name (PackedWeights::kernel)
 };
 
 const IsaOps& ops_scalar();
 const IsaOps& ops_avx2();
+// AVX2 with vpmaddubsw on s8 weights: exact only for weights no k-pair of which can saturate
+// (pack_b checks, see kernel_avx2.cpp); same ISA as ops_avx2.
+const IsaOps& ops_avx2_u8();
 const IsaOps& ops_avx512vnni();
 const IsaOps& ops_amx();
 const IsaOps& ops_for(Isa isa);  // throws std::invalid_argument if the CPU cannot run it

@@ -157,6 +157,7 @@ const IsaOps& ops_amx() {
     const IsaOps& v = ops_avx512vnni();  // quantization and depthwise are the AVX-512 ones
     IsaOps o{Isa::Amx, amx_isa::kMR, amx_isa::kNR, amx_isa::kNB, amx_isa::kKR, 1,
              amx_isa::tile, v.minmax, v.quant, v.depthwise};
+    o.kernel = "amx";
     o.kpad = 64;
     o.task_begin = amx_isa::task_begin;
     o.task_end = amx_isa::task_end;

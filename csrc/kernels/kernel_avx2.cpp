@@ -1,11 +1,14 @@
-// AVX2 micro-kernel, exact for any s8 weights. vpmaddubsw would saturate when two u8*s8 products
-// sum past int16 (255*127*2 > 32767), so weights are packed pre-widened to s16 and multiplied with
-// vpmaddwd (s16*s16 pairs summed into s32: exact). Compiled with -mavx2 -mfma; the output stage
-// is the generic one (compiled with -ffp-contract=off like everything else).
+// AVX2 micro-kernels, two of them, both exact (compiled with -mavx2 -mfma, -ffp-contract=off like
+// everything else):
 //
-// Packed B: panels of up to 2 blocks of 8 columns; per k-group of 2 rows a block is 8 columns x
-// 2 k as s16 (32 bytes). A (u8) is broadcast 4 bytes at a time, widened, and split into the two
-// k-pairs with vpshufd.
+// - u8 (ops_avx2_u8): vpmaddubsw + vpmaddwd(ones) + vpaddd, the VNNI layout on ymm: per k-group of
+//   4 a block is [8 columns][4 k] s8 (32 bytes), A broadcast 4 bytes at a time. vpmaddubsw sums two
+//   u8*s8 products into s16 with saturation, so pack_b picks this kernel only when no column has a
+//   k-pair (2i, 2i+1) whose positive (or negative) weights sum past 128 in magnitude: then
+//   |255 * (w0 + w1)| <= 32640 and nothing saturates (every 7-bit weight set qualifies).
+// - s16 (ops_avx2): any s8 weights, packed pre-widened to s16 and multiplied with vpmaddwd
+//   (s16*s16 pairs summed into s32); per k-group of 2 rows a block is 8 columns x 2 k as s16
+//   (32 bytes); A is broadcast 4 bytes at a time, widened, and split into the k-pairs with vpshufd.
 #include <immintrin.h>
 
 #include <cmath>
@@ -20,6 +23,62 @@ namespace avx2_isa {
 #include "isa_generic.h"
 
 constexpr int kMR = 4, kNR = 8, kNB = 2, kKR = 2;
+
+// Output stage of an int32 tile acc[mr][ld] (columns relative to t.n), 8 columns per step: the
+// same float operations in the same order as epilogue_generic. Row-major output is stored from
+// the vectors; other layouts element by element.
+static void epilogue_avx2(const std::int32_t* acc, int ld, const Tile& t, const Epilogue& ep) {
+  const __m256i kz_step = _mm256_set1_epi32(ep.K);
+  for (int j = 0; j < t.ncols; j += 8) {
+    const int n = t.n + j, valid = t.ncols - j < 8 ? t.ncols - j : 8;
+    const __m256i vmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i csum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ep.colsum + n));  // [Np]: no over-read
+    const __m256i wzp = ep.wzp ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ep.wzp + n)) : _mm256_setzero_si256();
+    const __m256 ws = _mm256_maskload_ps(ep.wscale + n, vmask);
+    const __m256 bias = ep.bias ? _mm256_maskload_ps(ep.bias + n, vmask) : _mm256_setzero_ps();
+    for (int r = 0; r < t.mr; ++r) {
+      const __m256i rzp = _mm256_set1_epi32(t.rzp[r]);
+      __m256i v = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(acc + r * ld + j)),
+                                   _mm256_mullo_epi32(rzp, csum));
+      if (ep.wzp) {
+        v = _mm256_sub_epi32(v, _mm256_mullo_epi32(wzp, _mm256_set1_epi32(t.rsum[r])));
+        v = _mm256_add_epi32(v, _mm256_mullo_epi32(_mm256_mullo_epi32(kz_step, rzp), wzp));
+      }
+      const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(t.rscale[r]), ws);
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(v), sc);
+      if (ep.bias) y = _mm256_add_ps(y, bias);
+      if (ep.act == Activation::Relu) {
+        y = _mm256_max_ps(y, _mm256_setzero_ps());
+      } else if (ep.act == Activation::Clip) {
+        y = _mm256_max_ps(y, _mm256_set1_ps(ep.lo));
+        y = _mm256_min_ps(y, _mm256_set1_ps(ep.hi));
+      }
+      const std::ptrdiff_t off = static_cast<std::ptrdiff_t>(t.m + r) * ep.ldm + static_cast<std::ptrdiff_t>(n) * ep.ldn;
+      if (ep.ldn == 1 && ep.requant) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_set1_ps(ep.out_scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm256_add_ps(q, _mm256_set1_ps(ep.out_zp));
+        q = _mm256_max_ps(q, _mm256_setzero_ps());
+        q = _mm256_min_ps(q, _mm256_set1_ps(255.f));
+        const __m256i qi = _mm256_cvttps_epi32(q);
+        const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+        const __m128i b8 = _mm_packus_epi16(w16, w16);
+        if (valid == 8) {
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(ep.cu + off), b8);
+        } else {
+          alignas(16) std::uint8_t tmp[16];
+          _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+          std::memcpy(ep.cu + off, tmp, static_cast<std::size_t>(valid));
+        }
+      } else if (ep.ldn == 1) {
+        _mm256_maskstore_ps(ep.cf + off, vmask, y);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, y);
+        for (int i = 0; i < valid; ++i) store_element(tmp[i], off + static_cast<std::ptrdiff_t>(i) * ep.ldn, ep);
+      }
+    }
+  }
+}
 
 template <int MR, int NB>
 static void kernel(const Tile& t, const Epilogue& ep) {
@@ -56,10 +115,59 @@ static void kernel(const Tile& t, const Epilogue& ep) {
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
     for (int j = 0; j < NB; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(&acc[r][j * kNR]), c[r][j]);
-  epilogue_generic(&acc[0][0], NB * kNR, t, ep);
+  epilogue_avx2(&acc[0][0], NB * kNR, t, ep);
+}
+
+// u8 kernel: the dot products in a function of their own (see dot_tile in kernel_avx512vnni.cpp).
+constexpr int kMRu = 4, kNBu = 2, kKRu = 4;
+
+template <int MR, int NB>
+[[gnu::noinline]] static void dot_tile_u8(const std::uint8_t* A, int lda, const std::int8_t* B, int kg,
+                                          std::int32_t (&acc)[MR][NB * kNR]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c[MR][NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) c[r][j] = _mm256_setzero_si256();
+  for (int k = 0; k < kg; ++k) {
+    __m256i b[NB];
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) b[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(B + j * 32));
+    B += NB * 32;
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      std::int32_t av;
+      std::memcpy(&av, A + static_cast<std::ptrdiff_t>(r) * lda + k * kKRu, 4);
+      const __m256i va = _mm256_set1_epi32(av);
+#pragma GCC unroll 2
+      for (int j = 0; j < NB; ++j)
+        c[r][j] = _mm256_add_epi32(c[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(va, b[j]), ones));
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(&acc[r][j * kNR]), c[r][j]);
+}
+
+template <int MR, int NB>
+static void kernel_u8(const Tile& t, const Epilogue& ep) {
+  alignas(32) std::int32_t acc[MR][NB * kNR];
+  dot_tile_u8<MR, NB>(t.A, t.lda, static_cast<const std::int8_t*>(t.B), t.Kp / kKRu, acc);
+  epilogue_avx2(&acc[0][0], NB * kNR, t, ep);
 }
 
 using KernelFn = void (*)(const Tile&, const Epilogue&);
+static const KernelFn kTableU8[kMRu][kNBu] = {
+    {kernel_u8<1, 1>, kernel_u8<1, 2>},
+    {kernel_u8<2, 1>, kernel_u8<2, 2>},
+    {kernel_u8<3, 1>, kernel_u8<3, 2>},
+    {kernel_u8<4, 1>, kernel_u8<4, 2>},
+};
+
+void tile_u8(const Tile& t, const Epilogue& ep) { kTableU8[t.mr - 1][t.nb - 1](t, ep); }
+
 static const KernelFn kTable[kMR][kNB] = {
     {kernel<1, 1>, kernel<1, 2>},
     {kernel<2, 1>, kernel<2, 2>},
@@ -111,6 +219,21 @@ const IsaOps& ops_avx2() {
     IsaOps o{Isa::Avx2, avx2_isa::kMR, avx2_isa::kNR, avx2_isa::kNB, avx2_isa::kKR, 2,
              avx2_isa::tile, avx2_isa::minmax, avx2_isa::quant, avx2_isa::depthwise_generic};
     o.requant = avx2_isa::requant_generic;
+    o.kernel = "avx2-s16";
+    return o;
+  }();
+  return ops;
+}
+
+const IsaOps& ops_avx2_u8() {
+  static const IsaOps ops = [] {
+    IsaOps o = ops_avx2();
+    o.MR = avx2_isa::kMRu;
+    o.NB = avx2_isa::kNBu;
+    o.KR = avx2_isa::kKRu;
+    o.elem = 1;
+    o.tile = avx2_isa::tile_u8;
+    o.kernel = "avx2-u8";
     return o;
   }();
   return ops;

@@ -22,19 +22,22 @@ constexpr int kMR = 6, kNR = 16, kNB = 4, kKR = 4;
 
 #include "avx512_epilogue.h"
 
+// The dot-product loops live in functions of their own that end by storing the accumulators,
+// with compile-time indices, to a buffer; the output stage reads them from there. Inlined into
+// the output stage, GCC 12 keeps the accumulator array in memory and its register allocation
+// puts two zmm moves around every vpdpbusd plus stack stores in the k-loop (half the speed on
+// Zen 4; clang did not). tools/check_codegen.py and tests/test_codegen.py keep it that way.
 template <int MR, int NB>
-static void kernel(const Tile& t, const Epilogue& ep) {
+[[gnu::noinline]] static void dot_tile(const std::uint8_t* A, int lda, const std::int8_t* B, int kg,
+                                       std::int32_t (&acc)[MR][NB][16]) {
   __m512i c[MR][NB];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) c[r][j] = _mm512_setzero_si512();
-
-  const std::int8_t* B = static_cast<const std::int8_t*>(t.B);
   const std::uint8_t* a[MR];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) a[r] = t.A + static_cast<std::ptrdiff_t>(r) * t.lda;
-  const int kg = t.Kp / kKR;
+  for (int r = 0; r < MR; ++r) a[r] = A + static_cast<std::ptrdiff_t>(r) * lda;
   for (int k = 0; k < kg; ++k) {
     __m512i b[NB];
 #pragma GCC unroll 4
@@ -49,7 +52,16 @@ static void kernel(const Tile& t, const Epilogue& ep) {
       for (int j = 0; j < NB; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], va, b[j]);
     }
   }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) _mm512_store_si512(acc[r][j], c[r][j]);
+}
 
+template <int MR, int NB>
+static void kernel(const Tile& t, const Epilogue& ep) {
+  alignas(64) std::int32_t acc[MR][NB][16];
+  dot_tile<MR, NB>(t.A, t.lda, static_cast<const std::int8_t*>(t.B), t.Kp / kKR, acc);
   alignas(64) float ybuf[MR * kYLd];
 #pragma GCC unroll 4
   for (int j = 0; j < NB; ++j) {
@@ -60,7 +72,7 @@ static void kernel(const Tile& t, const Epilogue& ep) {
     const __m512 ws = _mm512_maskz_loadu_ps(mask, ep.wscale + n);
     const __m512 bias = ep.bias ? _mm512_maskz_loadu_ps(mask, ep.bias + n) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) finish_vec(c[r][j], r, j, t, ep, csum, wzp, ws, bias, mask, ybuf);
+    for (int r = 0; r < MR; ++r) finish_vec(_mm512_load_si512(acc[r][j]), r, j, t, ep, csum, wzp, ws, bias, mask, ybuf);
   }
   if (fast_transposed(ep)) transposed_store(ybuf, t, ep);
 }
@@ -201,41 +213,51 @@ void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint
 // channel broadcast the signed one.
 constexpr int kCMR = 8, kCNB = 3;
 
+// One tile's dot products (its own function: see dot_tile).
+[[gnu::noinline]] static void direct_dot(const DirectConv& d, const std::int8_t* w, const std::uint8_t* xq,
+                                         std::int32_t (&acc)[kCMR][kCNB][16]) {
+  const std::ptrdiff_t plane = d.L * 4;
+  __m512i c[kCMR][kCNB];
+#pragma GCC unroll 8
+  for (int r = 0; r < kCMR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_setzero_si512();
+  for (int t = 0; t < d.taps; ++t) {
+    const std::uint8_t* xb = xq + static_cast<std::ptrdiff_t>(d.tap_off[t]) * 4;
+    const std::int8_t* wt = w + t * d.CGp * 4;
+    for (int cg = 0; cg < d.CGp; ++cg) {
+      const std::uint8_t* x = xb + cg * plane;
+      __m512i b[kCNB];
+#pragma GCC unroll 4
+      for (int j = 0; j < kCNB; ++j) b[j] = _mm512_loadu_si512(x + j * 64);
+#pragma GCC unroll 8
+      for (int r = 0; r < kCMR; ++r) {
+        std::int32_t wv;
+        std::memcpy(&wv, wt + static_cast<std::ptrdiff_t>(r) * d.Kd + cg * 4, 4);
+        const __m512i vw = _mm512_set1_epi32(wv);
+#pragma GCC unroll 4
+        for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], b[j], vw);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kCMR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kCNB; ++j) _mm512_store_si512(acc[r][j], c[r][j]);
+}
+
 void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
   const DirectEpi e(d);
-  const std::ptrdiff_t plane = d.L * 4;
   DirectRow rowc[kCMR];
   for (int oc = oc0; oc < oc1; oc += kCMR) {
     const int nrows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
     for (int r = 0; r < nrows; ++r) rowc[r] = direct_row(e, oc + r);  // once per channel block
     for (int q = q0; q < q1; q += 16 * kCNB) {
-      __m512i c[kCMR][kCNB];
-#pragma GCC unroll 8
-      for (int r = 0; r < kCMR; ++r)
-#pragma GCC unroll 4
-        for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_setzero_si512();
-      const std::int8_t* w = d.W + static_cast<std::ptrdiff_t>(oc) * d.Kd;
-      for (int t = 0; t < d.taps; ++t) {
-        const std::uint8_t* xb = d.X + static_cast<std::ptrdiff_t>(q + d.tap_off[t]) * 4;
-        const std::int8_t* wt = w + t * d.CGp * 4;
-        for (int cg = 0; cg < d.CGp; ++cg) {
-          const std::uint8_t* x = xb + cg * plane;
-          __m512i b[kCNB];
-#pragma GCC unroll 4
-          for (int j = 0; j < kCNB; ++j) b[j] = _mm512_loadu_si512(x + j * 64);
-#pragma GCC unroll 8
-          for (int r = 0; r < kCMR; ++r) {
-            std::int32_t wv;
-            std::memcpy(&wv, wt + static_cast<std::ptrdiff_t>(r) * d.Kd + cg * 4, 4);
-            const __m512i vw = _mm512_set1_epi32(wv);
-#pragma GCC unroll 4
-            for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], b[j], vw);
-          }
-        }
-      }
+      alignas(64) std::int32_t acc[kCMR][kCNB][16];
+      direct_dot(d, d.W + static_cast<std::ptrdiff_t>(oc) * d.Kd, d.X + static_cast<std::ptrdiff_t>(q) * 4, acc);
       const int rows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
       for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < kCNB; ++j) direct_finish16(e, rowc[r], q + 16 * j, c[r][j]);
+        for (int j = 0; j < kCNB; ++j) direct_finish16(e, rowc[r], q + 16 * j, _mm512_load_si512(acc[r][j]));
     }
   }
 }
@@ -275,31 +297,44 @@ static inline void dw_store(const DwCtx& c, __m512i acc, OutT* o, __mmask16 m) {
     _mm512_mask_storeu_ps(o, m, y);
 }
 
-// Rows [oh0, oh0 + nr) with compile-time kernel height KH and row stride SH (unit dilation).
-template <int KH, int SH, class OutT>
-static void dw_block(const DwCtx& c, const std::uint8_t* xp, int Wp, int oh0, int nr, int OW, OutT* out) {
-  constexpr int R = 4, NIN = (R - 1) * SH + KH;
-  const int nin = (nr - 1) * SH + KH;  // input rows actually needed (never past the padded plane)
+// Rows [oh0, oh0 + NR) with compile-time kernel height KH, row stride SH (unit dilation) and
+// row count NR (<= 4): every index compile-time, so the accumulators stay in registers with no
+// copies (a runtime row count's early exit cost GCC 12 register moves in every block).
+template <int KH, int SH, int NR, class OutT>
+static void dw_block(const DwCtx& c, const std::uint8_t* xp, int Wp, int oh0, int OW, OutT* out) {
+  constexpr int NIN = (NR - 1) * SH + KH;  // input rows needed (never past the padded plane)
   const std::uint8_t* base = xp + static_cast<std::ptrdiff_t>(oh0 * SH) * Wp;
   for (int ow = 0; ow < OW; ow += 16) {
     const int valid = OW - ow < 16 ? OW - ow : 16;
     const __mmask64 m = valid == 16 ? c.lmask : ((1ull << ((valid - 1) * c.sw + c.kW)) - 1ull);
     const std::uint8_t* src = base + ow * c.sw;
-    __m512i acc[R];
+    __m512i acc[NR];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
 #pragma GCC unroll 16
     for (int j = 0; j < NIN; ++j) {
-      if (j >= nin) break;
       const __m512i v = dw_prep(c, src + static_cast<std::ptrdiff_t>(j) * Wp, m);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < NR; ++r) {
         const int kh = j - r * SH;
         if (kh >= 0 && kh < KH) acc[r] = _mm512_dpbusd_epi32(acc[r], v, c.wv[kh]);
       }
     }
     const __mmask16 om = col_mask(valid);
-    for (int r = 0; r < nr; ++r) dw_store(c, acc[r], out + static_cast<std::ptrdiff_t>(oh0 + r) * OW + ow, om);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) dw_store(c, acc[r], out + static_cast<std::ptrdiff_t>(oh0 + r) * OW + ow, om);
+  }
+}
+
+template <int KH, int SH, class OutT>
+static void dw_rows(const DwCtx& c, const std::uint8_t* xp, int Wp, int OH, int OW, OutT* out) {
+  int oh0 = 0;
+  for (; oh0 + 4 <= OH; oh0 += 4) dw_block<KH, SH, 4, OutT>(c, xp, Wp, oh0, OW, out);
+  switch (OH - oh0) {
+    case 3: dw_block<KH, SH, 3, OutT>(c, xp, Wp, oh0, OW, out); break;
+    case 2: dw_block<KH, SH, 2, OutT>(c, xp, Wp, oh0, OW, out); break;
+    case 1: dw_block<KH, SH, 1, OutT>(c, xp, Wp, oh0, OW, out); break;
+    default: break;
   }
 }
 
@@ -340,13 +375,10 @@ static void depthwise_impl(const std::uint8_t* xp, int Wp, const std::int8_t* w,
     }
   }
   if (kH == 3 && dh == 1 && (sh == 1 || sh == 2)) {
-    for (int oh0 = 0; oh0 < OH; oh0 += 4) {
-      const int nr = OH - oh0 < 4 ? OH - oh0 : 4;
-      if (sh == 1)
-        dw_block<3, 1, OutT>(c, xp, Wp, oh0, nr, OW, out);
-      else
-        dw_block<3, 2, OutT>(c, xp, Wp, oh0, nr, OW, out);
-    }
+    if (sh == 1)
+      dw_rows<3, 1, OutT>(c, xp, Wp, OH, OW, out);
+    else
+      dw_rows<3, 2, OutT>(c, xp, Wp, OH, OW, out);
     return;
   }
   for (int oh = 0; oh < OH; ++oh) {
@@ -388,6 +420,7 @@ const IsaOps& ops_avx512vnni() {
   static const IsaOps ops = [] {
     IsaOps o{Isa::Avx512Vnni, avx512_isa::kMR, avx512_isa::kNR, avx512_isa::kNB, avx512_isa::kKR, 1,
              avx512_isa::tile, avx512_isa::minmax, avx512_isa::quant, avx512_isa::depthwise};
+    o.kernel = "avx512vnni";
     o.conv_direct = avx512_isa::conv_direct;
     o.conv_mt = avx512_isa::kCMR;
     o.conv_qt = 16 * avx512_isa::kCNB;

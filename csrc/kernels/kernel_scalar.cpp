@@ -41,6 +41,7 @@ const IsaOps& ops_scalar() {
     IsaOps o{Isa::Scalar, scalar_isa::kMR, scalar_isa::kNR, scalar_isa::kNB, scalar_isa::kKR, 1,
              scalar_isa::tile, scalar_isa::minmax_generic, scalar_isa::quant_generic,
              scalar_isa::depthwise_generic};
+    o.kernel = "scalar";
     o.requant = scalar_isa::requant_generic;
     return o;
   }();

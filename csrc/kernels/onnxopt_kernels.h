@@ -22,6 +22,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace onnxopt {
 
@@ -75,6 +77,9 @@ class PackedWeights {
   virtual int K() const = 0;
   virtual int N() const = 0;
   virtual Isa isa() const = 0;
+  // The micro-kernel the weights were packed for, e.g. "avx2-u8" (vpmaddubsw: the weights cannot
+  // saturate it) or "avx2-s16" (widened); for tests and benchmarks.
+  virtual const char* kernel() const = 0;
 };
 
 std::shared_ptr<const PackedWeights> pack_weights(const std::int8_t* B, int K, int N, Isa isa,
@@ -135,6 +140,11 @@ void qconv2d_u8(const std::uint8_t* X, int N, int H, int W, float x_scale, std::
 
 // Isa that conv weights were packed for (the micro-kernel they run on).
 Isa packed_conv_isa(const PackedConv& w);
+
+// Measured throughput ceiling of one core, GOP/s (a multiply-add counts 2), for the instruction
+// mix `name` (one of peak_probe_names(): the probes this CPU can run), best over ~`seconds`.
+std::vector<std::string> peak_probe_names();
+double peak_probe(const std::string& name, double seconds);
 
 inline int conv_out_dim(int in, int k, int stride, int dil, int pad0, int pad1) {
   return (in + pad0 + pad1 - dil * (k - 1) - 1) / stride + 1;

@@ -11,11 +11,30 @@
 namespace onnxopt {
 namespace detail {
 
+namespace {
+
+// Whether vpmaddubsw is exact on these weights: each k-pair (2i, 2i+1) of a column, multiplied by
+// u8 activations, must stay within int16 -- at most 128 in positive and in negative weight sum
+// (255 * 128 = 32640). Always true for 7-bit weights.
+bool kpairs_fit_int16(const std::int8_t* B, int K, int N, std::ptrdiff_t ldk, std::ptrdiff_t ldn) {
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < K; k += 2) {
+      const int w0 = B[k * ldk + n * ldn], w1 = k + 1 < K ? B[(k + 1) * ldk + n * ldn] : 0;
+      const int pos = std::max(w0, 0) + std::max(w1, 0), neg = std::max(-w0, 0) + std::max(-w1, 0);
+      if (pos > 128 || neg > 128) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 std::shared_ptr<PackedB> pack_b(const std::int8_t* B, int K, int N, std::ptrdiff_t ldk, std::ptrdiff_t ldn,
                                 Isa isa, const std::int8_t* w_zp) {
   if (K < 0 || N < 0) throw std::invalid_argument("onnxopt: pack_weights: negative shape");
   auto p = std::make_shared<PackedB>();
   p->ops = &ops_for(isa);
+  if (isa == Isa::Avx2 && kpairs_fit_int16(B, K, N, ldk, ldn)) p->ops = &ops_avx2_u8();
   const IsaOps& o = *p->ops;
   const int panel_cols = o.NR * o.NB;
   p->K_ = K;

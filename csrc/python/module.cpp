@@ -220,6 +220,17 @@ py::dict info() {
   const char* env = std::getenv("ONNXOPT_ISA");
   d["requested_isa"] = env ? py::object(py::str(env)) : py::object(py::none());
   d["default_threads"] = g_default_threads;
+  // an optimized build without sanitizers: the one whose hot loops tools/check_codegen.py judges
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ONNXOPT_ASAN 1
+#endif
+#endif
+#if defined(__OPTIMIZE__) && !defined(__SANITIZE_ADDRESS__) && !defined(ONNXOPT_ASAN)
+  d["release_codegen"] = true;
+#else
+  d["release_codegen"] = false;
+#endif
   d["hardware_concurrency"] = static_cast<int>(std::thread::hardware_concurrency());
   return d;
 }
@@ -436,6 +447,7 @@ PYBIND11_MODULE(_kernels, m) {
       .def_property_readonly("K", [](const PackedW& p) { return p.w->K(); })
       .def_property_readonly("N", [](const PackedW& p) { return p.w->N(); })
       .def_property_readonly("isa", [](const PackedW& p) { return onnxopt::isa_name(p.w->isa()); })
+      .def_property_readonly("kernel", [](const PackedW& p) { return std::string(p.w->kernel()); })
       .def("__repr__", [](const PackedW& p) {
         return "<PackedWeights K=" + std::to_string(p.w->K()) + " N=" + std::to_string(p.w->N()) +
                " isa=" + onnxopt::isa_name(p.w->isa()) + ">";
@@ -448,6 +460,15 @@ PYBIND11_MODULE(_kernels, m) {
 
   m.def("info", &info);
   m.def("estimate_ghz", &estimate_ghz, "Core clock estimate in GHz (dependent add chain; for benchmarks).");
+  m.def("peak_probe_names", &onnxopt::peak_probe_names, "Throughput probes this CPU can run.");
+  m.def(
+      "peak_probe",
+      [](const std::string& name, double seconds) {
+        py::gil_scoped_release nogil;
+        return onnxopt::peak_probe(name, seconds);
+      },
+      py::arg("name"), py::arg("seconds") = 0.2,
+      "Measured throughput ceiling of one core for an instruction mix, GOP/s (a multiply-add is 2 ops).");
   m.def("set_num_threads", [](int n) { g_default_threads = n <= 0 ? static_cast<int>(std::thread::hardware_concurrency()) : n; },
         py::arg("n"));
   m.def("pack_weights", &pack_weights, py::arg("w"), py::arg("w_zp") = py::none(), py::arg("isa") = py::none());

@@ -266,3 +266,15 @@ def test_piped_cli_writes_no_progress(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
     assert "latency (median)" in proc.stdout
+
+
+def test_infinite_and_missing_figures_still_draw(tmp_path):
+    """An int8 node that reproduces fp32 exactly has infinite SQNR; NaN cosine, missing timings: the
+    page is still written (a valid model never makes onnxopt raise), charts drawn from what is finite."""
+    r, c = _synthetic()
+    r.quantization[1].update(sqnr_db=float("inf"), alone_cosine=float("nan"), ms_int8=None)
+    r.quantization[2].update(ms_fp32=None)
+    r.to_html(tmp_path / "r.html")  # no comparison: Report.to_html from Python after optimize()
+    page = _parse((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert page.sections["sensitivity"] == 1 and page.sections["node-times"] == 1
+    assert "inf" in " ".join(page.text) and "35" in " ".join(page.text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 import os
 import re
 import tempfile
@@ -67,7 +68,7 @@ def render(report=None, comparison=None, names=("original", "optimized"), title=
         if rows:
             tol = _tolerance(report)
             sections.append(_sensitivity(rows, tol))
-            if any(r.get("ms_fp32") is not None for r in rows):
+            if any(_finite(r.get("ms_fp32")) for r in rows):
                 sections.append(_node_times(rows))
             sections.append(_guard(report, rows))
             sections.append(_target(report))
@@ -166,7 +167,7 @@ def _passes(report) -> str:
     changed = [r for r in rows if r["node_delta"]]
     if not changed:
         return _section("passes", "Passes", "<p>No pass changed the node count.</p>" + table)
-    fig, ax = _figure(len(changed))
+    fig, ax = _figure(len(changed), height_per=0.3)
     deltas = [r["node_delta"] for r in changed]
     ax.barh(range(len(changed)), deltas, color=[INT8 if d < 0 else FP32 for d in deltas])
     for i, d in enumerate(deltas):
@@ -185,39 +186,46 @@ def _passes(report) -> str:
 def _sensitivity(rows, tol) -> str:
     import matplotlib.patches as mpatches
 
-    sites = [r for r in rows if r.get("sqnr_db") is not None]
+    sites = [r for r in rows if r.get("sqnr_db") is not None and not math.isnan(r["sqnr_db"])]
     if not sites:
         return _section("sensitivity", "int8 sensitivity per node",
                         "<p>No node was measured (none could be quantized).</p>")
-    cos = [r for r in sites if r.get("alone_cosine") is not None]
+    cos = [r for r in sites if _finite(r.get("alone_cosine"))]
     cols = 2 if cos else 1
     fig, axes = _figure(len(sites), cols=cols)
     axes = axes if cols == 2 else [axes]
     y = range(len(sites))
     colors = [INT8 if r.get("quantized") else BACK for r in sites]
     ax = axes[0]
-    ax.barh(y, [r["sqnr_db"] for r in sites], color=colors)
+    finite = [r["sqnr_db"] for r in sites if math.isfinite(r["sqnr_db"])]
+    top = max(finite + [0.0]) * 1.1 or 10.0  # a node int8 reproduces exactly has infinite SQNR: drawn here
+    sqnr = [min(r["sqnr_db"], top) for r in sites]
+    ax.barh(y, sqnr, color=colors)
     for i, r in enumerate(sites):
-        ax.annotate(f"{r['sqnr_db']:.1f}", (r["sqnr_db"], i), xytext=(3, 0), textcoords="offset points",
+        ax.annotate(f"{r['sqnr_db']:.1f}", (sqnr[i], i), xytext=(3, 0), textcoords="offset points",
                     va="center", fontsize=8)
     ax.set_yticks(list(y), [_label(r["node"]) for r in sites])
     ax.invert_yaxis()
-    ax.set_xlabel("SQNR dB, each node quantized alone (higher: less noise)")
-    ax.set_xlim(0, max(r["sqnr_db"] for r in sites) * 1.15 or 1)
+    ax.set_xlabel("SQNR dB, each node quantized alone" + ("\n" if cos else " ") + "(higher: less noise)")
+    ax.set_xlim(min(sqnr + [0.0]) * 1.15, max(sqnr + [0.0]) * 1.15 or 1)
     if cos:
         ax2 = axes[1]
-        vals = [r.get("alone_cosine") for r in sites]
+        vals = [r["alone_cosine"] if _finite(r.get("alone_cosine")) else None for r in sites]
         ax2.barh([i for i, v in enumerate(vals) if v is not None], [v for v in vals if v is not None],
                  color=[c for c, v in zip(colors, vals) if v is not None])
         ax2.set_yticks(list(y), [""] * len(sites))
         ax2.set_ylim(axes[0].get_ylim())
-        ax2.set_xlabel("whole-model cosine with only this node int8")
+        ax2.set_xlabel("whole-model cosine, only this node int8"
+                       + (f"\n(dashed: tolerance {tol:g})" if tol is not None else ""))
+        for i, v in enumerate(vals):  # inside the bar's end: the axis stops at 1.0
+            if v is not None:
+                ax2.annotate(f"{v:.5f}", (v, i), xytext=(-4, 0), textcoords="offset points", ha="right",
+                             va="center", color="white", fontsize=8)
         lo = min([v for v in vals if v is not None] + ([tol] if tol is not None else []))
         ax2.set_xlim(max(0.0, lo - (1 - lo) * 0.5 - 1e-4), 1.0)
         if tol is not None:
+            # labelled in the axis title: a label on the line would sit on a bar
             ax2.axvline(tol, color="#c53030", linestyle="--", linewidth=1.5)
-            ax2.annotate(f"tolerance {tol:g}", (tol, 0), xytext=(-4, 0), textcoords="offset points", ha="right",
-                         va="center", color="#c53030", fontsize=9)
     fig.legend(handles=[mpatches.Patch(color=INT8, label="int8"), mpatches.Patch(color=BACK, label="kept in fp32")],
                loc="outside upper right", ncol=2, frameon=False, fontsize=9)
     back = [r for r in rows if not r.get("quantized")]
@@ -230,11 +238,11 @@ def _sensitivity(rows, tol) -> str:
 
 
 def _node_times(rows) -> str:
-    timed = [r for r in rows if r.get("ms_fp32") is not None]
+    timed = [r for r in rows if _finite(r.get("ms_fp32"))]
     fig, ax = _figure(len(timed), height_per=0.5)
     h = 0.38
     fp = [r["ms_fp32"] for r in timed]
-    q = [r.get("ms_int8") or 0.0 for r in timed]
+    q = [r["ms_int8"] if _finite(r.get("ms_int8")) else 0.0 for r in timed]
     ax.barh([i - h / 2 for i in range(len(timed))], fp, height=h, color=FP32, label="fp32")
     ax.barh([i + h / 2 for i in range(len(timed))], q, height=h,
             color=[INT8 if r.get("quantized") else BACK for r in timed], label="int8")
@@ -333,6 +341,10 @@ def _is_guard(name, text) -> bool:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
 
 def _e(text) -> str:
     return html.escape(str(text))

@@ -12,8 +12,9 @@ pip_q() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>
 pip_q --upgrade pip
 # Test and example dependencies. torch 2.13.0 (CPU) comes from local disk; onnxscript is what the
 # dynamo exporter needs; scikit-learn ships the digits data the example trains on;
-# onnxruntime-extensions runs the custom ops when the native library is absent.
-pip_q pytest "torch==2.13.0" onnxscript onnxruntime-extensions scikit-learn
+# onnxruntime-extensions runs the custom ops when the native library is absent; matplotlib draws
+# the HTML report's charts (the onnxopt[report] extra; its tests run here).
+pip_q pytest "torch==2.13.0" onnxscript onnxruntime-extensions scikit-learn "matplotlib>=3.10"
 # onnxruntime's C headers for the custom-op library (build-local, never installed system-wide).
 if inc=$(tools/fetch_ort_headers.sh 2>build-headers.log | tail -n 1) && [ -f "$inc/onnxruntime_c_api.h" ]; then
   export ONNXOPT_ORT_INCLUDE_DIR="$inc"

@@ -20,6 +20,8 @@ class Comparison:
     cosine: float
     argmax_agreement: Optional[float]
     rounds: int
+    samples_ms: tuple = ()  # per model, every round's milliseconds (the distribution behind the medians)
+    settings: str = ""  # the session settings the latency was measured at
 
     @property
     def speedup(self) -> float:
@@ -82,10 +84,12 @@ def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Optio
     ref = s_before.run(None, feeds)
     got = s_after.run(None, feeds)
     max_abs, cos, agree = fidelity(ref, got)
-    lat = time_sessions([s_before, s_after], feeds, rounds=rounds, progress=progress)
+    samples = execution.time_pairs([(s_before, feeds), (s_after, feeds)], rounds, progress=progress)
+    lat = [float(np.median(s)) for s in samples]
+    settings = f"graph optimization {optimization}, {execution.Settings(threads, spinning=False).describe()}"
     return Comparison(nodes=(ir_count(before), ir_count(after)), size=(ir.model_size(before), ir.model_size(after)),
                       latency_ms=(lat[0], lat[1]), max_abs_diff=max_abs, cosine=cos, argmax_agreement=agree,
-                      rounds=rounds)
+                      rounds=rounds, samples_ms=tuple(tuple(s) for s in samples), settings=settings)
 
 
 def ir_count(model: onnx.ModelProto) -> int:

@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from . import ir
+from . import ir, progress
 from .errors import OptimizeError
 
 
@@ -48,6 +48,7 @@ def cmd_optimize(args) -> int:
     if os.path.abspath(args.output) == os.path.abspath(args.model):
         raise OptimizeError("output path is the input path: write the result somewhere else")
     ir.check_output_path(args.output)  # before the work: a bad -o must not cost a whole run
+    _check_report(args, args.model, args.output)
     passes = _configure(_split_passes(args.passes), target=args.target,
                         autotune=False if args.no_autotune else None)
     source = ir.load_source(args.model)
@@ -67,7 +68,19 @@ def cmd_optimize(args) -> int:
     if cmp is not None:
         print()
         print(cmp.format(("original", "optimized")))
+    if args.report:
+        report.to_html(args.report, cmp)
+        print(f"wrote {args.report}")
     return 0
+
+
+def _check_report(args, *others) -> None:
+    """--report's library and path, checked before the work (like -o)."""
+    if args.report:
+        from . import report_html
+
+        report_html.require()
+        report_html.check_path(args.report, *others)
 
 
 def _from_onnxruntime(exc: BaseException) -> bool:
@@ -168,6 +181,7 @@ def cmd_bench(args) -> int:
     from . import verify
     from .passes.quantize.calibrate import load_npz_feeds, validate_feed
 
+    _check_report(args, args.original, args.optimized)
     a = ir.load_model(args.original)
     b = ir.load_model(args.optimized)
     feeds = None
@@ -181,6 +195,11 @@ def cmd_bench(args) -> int:
     if cmp is None:
         raise OptimizeError("nothing to compare: onnxruntime cannot run the models here")
     print(cmp.format(("original", "optimized")))
+    if args.report:
+        from .report_html import write_report
+
+        write_report(args.report, None, cmp, names=("original", "optimized"))
+        print(f"wrote {args.report}")
     return 0
 
 
@@ -210,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-bench", action="store_true", help="skip the before/after timing table")
     o.add_argument("--rounds", type=_positive_int, default=7)
     o.add_argument("--threads", type=_positive_int, default=1)
+    _report_flags(o)
     o.set_defaults(fn=cmd_optimize)
 
     s = sub.add_parser("passes", help="list registered passes and presets")
@@ -225,8 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help=".npz with one array per model input")
     b.add_argument("--rounds", type=_positive_int, default=7)
     b.add_argument("--threads", type=_positive_int, default=1)
+    _report_flags(b)
     b.set_defaults(fn=cmd_bench)
     return p
+
+
+def _report_flags(p) -> None:
+    p.add_argument("--report", metavar="OUT.html",
+                   help="also write a self-contained HTML report with charts (needs onnxopt[report])")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are drawn only on a terminal)")
 
 
 def _one_line(text: str) -> str:
@@ -237,6 +264,7 @@ def _one_line(text: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    progress.set_quiet(getattr(args, "quiet", False))
     try:
         code = args.fn(args)
         sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -18,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from . import ir
+from .progress import bar as progress_bar
 from .runtime import DOMAIN, InferenceSession
 
 # What running a model can raise: onnxruntime's errors (not RuntimeError subclasses), the Python
@@ -94,6 +94,7 @@ def time_pairs(pairs: Sequence[Tuple[object, Dict[str, np.ndarray]]], rounds: in
         s.run(None, f)
         per_round.append(max(1, int(min_time / max(time.perf_counter() - t0, 1e-6))))
     samples: List[List[float]] = [[] for _ in pairs]
+    rounds_bar = progress_bar(total=rounds, desc="timing", unit="round", show=progress)
     for r in range(rounds):
         for i, (s, f) in enumerate(pairs):
             n = per_round[i]
@@ -101,10 +102,8 @@ def time_pairs(pairs: Sequence[Tuple[object, Dict[str, np.ndarray]]], rounds: in
             for _ in range(n):
                 s.run(None, f)
             samples[i].append((time.perf_counter() - t0) / n * 1e3)
-        if progress:
-            print(f"\r  timing: round {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        rounds_bar.update()
+    rounds_bar.close()
     return samples
 
 

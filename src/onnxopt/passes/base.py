@@ -129,6 +129,13 @@ class Report:
     def __str__(self):
         return self.format()
 
+    def to_html(self, path, comparison=None) -> None:
+        """This report as one self-contained HTML file with charts (needs the `onnxopt[report]`
+        extra); `comparison` (bench.compare_models) adds sizes and latency distributions."""
+        from ..report_html import write_report
+
+        write_report(path, self, comparison)
+
 
 def _quantization_table(rows: List[dict]) -> str:
     def num(r, k, fmt):

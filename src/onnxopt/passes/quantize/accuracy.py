@@ -7,6 +7,8 @@ from typing import Dict, List
 
 import onnx_graphsurgeon as gs
 
+from ...progress import bar as progress_bar
+
 
 class AccuracySearch:
     def blocks(self, kept: List[str]) -> List[List[str]]:
@@ -69,7 +71,7 @@ class AccuracySearch:
             return kept
         order = sorted(kept, key=lambda n: self.rows[n]["sqnr_db"])
         probe = list(dict.fromkeys(order[:int(self.o["probe"])] + [kept[0], kept[-1]]))
-        for n in probe:
+        for n in progress_bar(probe, desc="guard: probing accuracy", unit="node", show=self.o.get("progress", True)):
             self.rows[n]["alone_cosine"] = round(self.evaluate([n]).cosine, 6)
         probed = sorted(probe, key=lambda n: self.rows[n]["alone_cosine"])
         ranked = probed + [n for n in order if n not in probe]

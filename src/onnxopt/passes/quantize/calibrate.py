@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
-import time
 from collections.abc import Mapping
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -24,6 +22,7 @@ import numpy as np
 import onnx
 
 from ... import ir, verify
+from ...progress import bar as progress_bar
 from ...errors import CalibrationError
 
 METHODS = ("minmax", "percentile", "entropy")
@@ -383,10 +382,8 @@ def collect_ranges(model: onnx.ModelProto, tensors: List[str], calibration, *, m
     model_with_outputs(model, extra)
     sess = verify.session(model, optimization="basic", threads=0)
     collector = RangeCollector(method, percentile, bins)
-    t0 = time.perf_counter()
     batches = samples = 0
-    show = progress and sys.stderr is not None
-    live = show and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()  # redraw one line on a terminal
+    calib_bar = progress_bar(desc=f"calibrating ({method})", unit="batch", show=progress, leave=True)
     for feed in iter_feeds(calibration):
         feed = validate_feed(feed, specs, batches)
         outs = sess.run([n for n in extra], feed)
@@ -398,15 +395,11 @@ def collect_ranges(model: onnx.ModelProto, tensors: List[str], calibration, *, m
         batches += 1
         first = next(iter(feed.values()))
         samples += int(first.shape[0]) if first.ndim else 1
-        if live:
-            sys.stderr.write(f"\r[onnxopt] calibrating ({method}): {batches} batch(es), {samples} sample(s), "
-                             f"{time.perf_counter() - t0:.1f} s")
-            sys.stderr.flush()
+        calib_bar.update()
+        calib_bar.set_postfix_str(f"{samples} sample(s), {len(wanted)} tensor(s)")
         if max_batches is not None and batches >= max_batches:
             break
-    if show and batches:
-        sys.stderr.write(("\r" if live else "") + f"[onnxopt] calibrated ({method}): {batches} batch(es), "
-                         f"{samples} sample(s), {len(wanted)} tensor(s), {time.perf_counter() - t0:.1f} s\n")
+    calib_bar.close()
     if batches == 0:
         raise CalibrationError("calibration data is empty: it yielded no feeds")
     return collector.ranges()

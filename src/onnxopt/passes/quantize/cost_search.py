@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import onnx
 
 from ... import execution
+from ...progress import bar as progress_bar
 from .costs import Timed, not_slower, pays
 
 PREFERENCE = ("onnxruntime", "mixed", "onnxopt")  # among targets within the spread of each other
@@ -93,7 +94,7 @@ class CostSearch:
         """com.onnxopt ops' own cost: each site alone, fp32 against int8."""
         cache: Dict[tuple, tuple] = {}
         kept = []
-        for n in names:
+        for n in progress_bar(names, desc="guard: timing nodes", unit="node", show=self.o.get("progress", True)):
             model, feed, key = self.single_op(n)
             if key not in cache:
                 v, t = self.clock.decide([model, self.build(model, {n})], [feed, feed],

@@ -309,7 +309,7 @@ def test_a_constant_without_its_value_and_a_negative_opset_version_are_invalid()
         onnxopt.optimize(m)
 
 
-def test_declared_types_must_be_known_and_dims_non_negative():
+def test_declared_types_must_be_known():
     m = _model()
     m.graph.output[0].type.tensor_type.elem_type = 99
     with pytest.raises(onnxopt.InvalidModelError, match="'y' is declared with an unknown element type 99"):
@@ -318,10 +318,17 @@ def test_declared_types_must_be_known_and_dims_non_negative():
     m.graph.output[0].type.tensor_type.elem_type = 0  # UNDEFINED: onnxruntime refuses it
     with pytest.raises(onnxopt.InvalidModelError, match="'y' is declared with an unknown element type 0"):
         onnxopt.optimize(m)
+
+
+def test_a_declared_dimension_of_minus_one_is_dynamic():
+    """paddle2onnx declares dynamic dims as dim_value -1 and onnxruntime runs such models: they are
+    optimized, and the declaration is kept as the source wrote it."""
     m = _model()
-    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -4
-    with pytest.raises(onnxopt.InvalidModelError, match="'x' is declared with a negative dimension"):
-        onnxopt.optimize(m)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    out = onnxopt.optimize(m)
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    x = np.ones((3,) + tuple(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]), np.float32)
+    assert verify.compare(verify.run(m, {"x": x}), verify.run(out, {"x": x})) is None
 
 
 def test_empty_list_attributes_survive():

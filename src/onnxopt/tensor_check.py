@@ -113,5 +113,3 @@ def check_value_type(vi: onnx.ValueInfoProto, where: str) -> None:
         elem = getattr(t, kind).elem_type
         if elem not in T.DataType.values() or elem == T.UNDEFINED:  # onnxruntime refuses UNDEFINED too
             raise InvalidModelError(f"{where}: {vi.name!r} is declared with an unknown element type {elem}")
-        if any(d.HasField("dim_value") and d.dim_value < 0 for d in getattr(t, kind).shape.dim):
-            raise InvalidModelError(f"{where}: {vi.name!r} is declared with a negative dimension")

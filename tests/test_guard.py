@@ -577,3 +577,19 @@ def test_a_candidate_onnxruntime_refuses_is_dropped_with_its_reason(monkeypatch)
                             tolerance=guard.DEFAULT_TOLERANCE)
     assert lowering(q) == "ours"
     assert any("onnxruntime QDQ dropped: onnxruntime failed on it" in t for _, t in report.messages)
+
+
+@pytest.mark.parametrize("target", ["onnxopt", "onnxruntime", "auto"])
+def test_a_model_with_external_data_quantizes(tmp_path, target):
+    """The guard's sessions of candidates holding com.onnxopt ops were handed the in-process model,
+    whose weights are still on disk behind onnxopt's markers: onnxruntime refused them ("Absolute path
+    not allowed for external data location") and int8 raised on every torch dynamo export."""
+    path = tmp_path / "m.onnx"
+    onnx.save(outlier_mlp(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    q, report = run_auto(str(path), feeds(1), target=target, timer=pays)
+    assert any(n.op_type in ("QGemm", "QConv", "DequantizeLinear") for n in q.graph.node)
+    onnx.checker.check_model(q, full_check=True)
+    x = feeds(9, n=1)[0]
+    ref = verify.run(onnx.load(str(path)), x)[0]
+    assert cosine(ref, verify.run(q, x)[0]) > 0.99

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -72,14 +73,18 @@ def session(model, optimization: str = "all", settings: Settings = ORT_DEFAULTS,
         if not any(o.domain == DOMAIN for o in model.opset_import):
             return ort.InferenceSession(path, so, providers=providers)
         model = onnx.load(path)
-    if any(o.domain == DOMAIN for o in model.opset_import):
-        return InferenceSession(model, sess_options=so, providers=providers)
-    if ir.needs_external(model):
+    session_class = InferenceSession if any(o.domain == DOMAIN for o in model.opset_import) else ort.InferenceSession
+    if ir.needs_external(model):  # weights kept on disk (onnxopt's markers, which onnxruntime refuses) or > 2 GiB
+        own = tmpdir is None
         tmpdir = tmpdir or tempfile.mkdtemp(prefix="onnxopt-session-")
         path = os.path.join(tmpdir, "model.onnx")
-        ir.save(model, path)
-        return ort.InferenceSession(path, so, providers=providers)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        try:
+            ir.save(model, path)
+            return session_class(path, sess_options=so, providers=providers)
+        finally:
+            if own:  # the session holds (or maps) its weights: the files are not needed past loading
+                shutil.rmtree(tmpdir, ignore_errors=True)
+    return session_class(model.SerializeToString(), sess_options=so, providers=providers)
 
 
 def time_pairs(pairs: Sequence[Tuple[object, Dict[str, np.ndarray]]], rounds: int = 7, min_time: float = 0.05,

@@ -447,15 +447,9 @@ def _constants_of(graph: gs.Graph) -> Iterator[gs.Constant]:
 
 
 def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every NodeProto of `graph` and of its If/Loop/Scan bodies, outer first."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from walk_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from walk_nodes(g)
+    """Every NodeProto of `graph` and of its If/Loop/Scan bodies, outer graphs first."""
+    for g in _all_graphs(graph):
+        yield from g.node
 
 
 _LIST_ATTRS = {onnx.AttributeProto.INTS: "ints", onnx.AttributeProto.FLOATS: "floats",

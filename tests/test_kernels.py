@@ -343,6 +343,7 @@ CONV_CASES = [
     dict(C=130, M=33, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=9, W=16),
     dict(C=70, M=40, group=1, k=(1, 1), strides=(2, 3), pads=(0, 0, 0, 0), dil=(1, 1), H=29, W=49),
     dict(C=8, M=6, group=2, k=(2, 3), strides=(1, 1), pads=(0, 2, 1, 0), dil=(1, 1), H=12, W=44),
+    dict(C=20, M=17, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=10, W=8),  # 48 + 32 pixels
 ]
 
 

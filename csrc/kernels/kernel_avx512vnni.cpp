@@ -213,37 +213,47 @@ void quant_pack4(const float* const* x, int n, float scale, float zpf, std::uint
 // channel broadcast the signed one.
 constexpr int kCMR = 8, kCNB = 3;
 
-// One tile's dot products (its own function: see dot_tile).
+// One tile's dot products over NCB blocks of 16 pixels (its own function: see dot_tile).
+template <int NCB>
 [[gnu::noinline]] static void direct_dot(const DirectConv& d, const std::int8_t* w, const std::uint8_t* xq,
                                          std::int32_t (&acc)[kCMR][kCNB][16]) {
   const std::ptrdiff_t plane = d.L * 4;
-  __m512i c[kCMR][kCNB];
+  __m512i c[kCMR][NCB];
 #pragma GCC unroll 8
   for (int r = 0; r < kCMR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NCB; ++j) c[r][j] = _mm512_setzero_si512();
   for (int t = 0; t < d.taps; ++t) {
     const std::uint8_t* xb = xq + static_cast<std::ptrdiff_t>(d.tap_off[t]) * 4;
     const std::int8_t* wt = w + t * d.CGp * 4;
     for (int cg = 0; cg < d.CGp; ++cg) {
       const std::uint8_t* x = xb + cg * plane;
-      __m512i b[kCNB];
+      __m512i b[NCB];
 #pragma GCC unroll 4
-      for (int j = 0; j < kCNB; ++j) b[j] = _mm512_loadu_si512(x + j * 64);
+      for (int j = 0; j < NCB; ++j) b[j] = _mm512_loadu_si512(x + j * 64);
 #pragma GCC unroll 8
       for (int r = 0; r < kCMR; ++r) {
         std::int32_t wv;
         std::memcpy(&wv, wt + static_cast<std::ptrdiff_t>(r) * d.Kd + cg * 4, 4);
         const __m512i vw = _mm512_set1_epi32(wv);
 #pragma GCC unroll 4
-        for (int j = 0; j < kCNB; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], b[j], vw);
+        for (int j = 0; j < NCB; ++j) c[r][j] = _mm512_dpbusd_epi32(c[r][j], b[j], vw);
       }
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kCMR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < kCNB; ++j) _mm512_store_si512(acc[r][j], c[r][j]);
+    for (int j = 0; j < NCB; ++j) _mm512_store_si512(acc[r][j], c[r][j]);
+}
+
+// Output channels [oc, oc + rows) x pixels [q, q + 16 NCB): dot products, then the output stage.
+template <int NCB>
+static void direct_tile(const DirectConv& d, const DirectEpi& e, const DirectRow* rowc, int rows, int oc, int q) {
+  alignas(64) std::int32_t acc[kCMR][kCNB][16];
+  direct_dot<NCB>(d, d.W + static_cast<std::ptrdiff_t>(oc) * d.Kd, d.X + static_cast<std::ptrdiff_t>(q) * 4, acc);
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < NCB; ++j) direct_finish16(e, rowc[r], q + 16 * j, _mm512_load_si512(acc[r][j]));
 }
 
 void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
@@ -252,13 +262,14 @@ void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
   for (int oc = oc0; oc < oc1; oc += kCMR) {
     const int nrows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
     for (int r = 0; r < nrows; ++r) rowc[r] = direct_row(e, oc + r);  // once per channel block
-    for (int q = q0; q < q1; q += 16 * kCNB) {
-      alignas(64) std::int32_t acc[kCMR][kCNB][16];
-      direct_dot(d, d.W + static_cast<std::ptrdiff_t>(oc) * d.Kd, d.X + static_cast<std::ptrdiff_t>(q) * 4, acc);
-      const int rows = d.Mg - oc < kCMR ? d.Mg - oc : kCMR;
-      for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < kCNB; ++j) direct_finish16(e, rowc[r], q + 16 * j, _mm512_load_si512(acc[r][j]));
-    }
+    // full 48-pixel tiles, then one of 16 or 32 pixels: a ragged pixel range (a 14x14 1x1 conv's
+    // 196 pixels) computes 208 instead of 240
+    int q = q0;
+    for (; q + 16 * kCNB <= q1; q += 16 * kCNB) direct_tile<kCNB>(d, e, rowc, nrows, oc, q);
+    if (q1 - q == 32)
+      direct_tile<2>(d, e, rowc, nrows, oc, q);
+    else if (q1 - q == 16)
+      direct_tile<1>(d, e, rowc, nrows, oc, q);
   }
 }
 
@@ -424,6 +435,7 @@ const IsaOps& ops_avx512vnni() {
     o.conv_direct = avx512_isa::conv_direct;
     o.conv_mt = avx512_isa::kCMR;
     o.conv_qt = 16 * avx512_isa::kCNB;
+    o.conv_qmin = 16;
     o.conv_cg_align = 1;
     o.quant_pack4 = avx512_isa::quant_pack4;
     o.quant_plane = avx512_isa::quant_plane;

@@ -527,6 +527,7 @@ struct DirectJob {
   DirectConv d;
   const IsaOps* ops;
   int nqt, ntq, nto, mtiles;  // q tiles, task splits over q and oc, oc tiles
+  int nq;                     // pixels computed (the last q tile may be narrower)
 };
 
 void direct_task(void* data, std::size_t i) {
@@ -534,7 +535,7 @@ void direct_task(void* data, std::size_t i) {
   const IsaOps& o = *j.ops;
   const int qi = static_cast<int>(i) / j.nto, oi = static_cast<int>(i) % j.nto;
   const int q0 = static_cast<int>(static_cast<long long>(j.nqt) * qi / j.ntq) * o.conv_qt;
-  const int q1 = static_cast<int>(static_cast<long long>(j.nqt) * (qi + 1) / j.ntq) * o.conv_qt;
+  const int q1 = std::min(j.nq, static_cast<int>(static_cast<long long>(j.nqt) * (qi + 1) / j.ntq) * o.conv_qt);
   const int m0 = static_cast<int>(static_cast<long long>(j.mtiles) * oi / j.nto) * o.conv_mt;
   const int m1 = static_cast<int>(static_cast<long long>(j.mtiles) * (oi + 1) / j.nto) * o.conv_mt;
   if (q0 >= q1 || m0 >= m1) return;
@@ -749,15 +750,18 @@ void prepare_image(void* data) {
 }
 
 // Whether the direct kernel (stride 1, or 1x1 on the subsampled image) suits this image: it
-// computes pixel tiles of conv_qt over the padded width, so on small images most of its work is
-// padding (ResNet-50's 7x7 layers: 49 pixels in 96 computed, 0.6x of onnxruntime's QLinearConv)
-// while the im2col GEMM's 6-row tiles waste under 10% (1.0x). Space-to-depth stays direct.
+// computes the pixels over the padded width in 16-pixel steps, so on small images much of its work
+// is padding (ResNet-50's 7x7 3x3 layer: 49 outputs in 64 computed pixels; at 96, before the
+// narrow tail tiles, 0.53-0.68x of onnxruntime's QLinearConv) while the im2col GEMM's 6-row tiles
+// waste under 10% (0.9-1.1x). Space-to-depth stays direct.
+int qmin(const IsaOps& o) { return o.conv_qmin ? o.conv_qmin : o.conv_qt; }
+
 bool direct_pays(const PackedConvImpl& w, int OH, int OW) {
   if (!w.direct || w.s2d || w.ops->isa != Isa::Avx512Vnni) return w.direct;
   const ConvParams& p = w.p;
   const bool subsample = p.stride_h != 1 || p.stride_w != 1;
   const int DW = subsample ? OW : OW + (p.kW - 1) * p.dil_w;  // the padded width of a stride-1 conv
-  const long useful = static_cast<long>(OH) * OW, computed = round_up(OH * DW, w.ops->conv_qt);
+  const long useful = static_cast<long>(OH) * OW, computed = round_up(OH * DW, qmin(*w.ops));
   return useful * 100 >= computed * 85;
 }
 
@@ -817,7 +821,7 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
     const IsaOps& o = *w->ops;
     for (int kh = 0; kh < w->dkH; ++kh)
       for (int kw = 0; kw < w->dkW; ++kw) tap_off.push_back(kh * ddil_h * DW + kw * ddil_w);
-    Nqp = round_up(OH * DW, o.conv_qt);
+    Nqp = round_up(OH * DW, qmin(o));
     L = round_up(std::max(DH * DW, Nqp + tap_off.back()), 16);
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.group) * w->CGp * L * 4);
   } else if (!direct && !w->depthwise) {
@@ -894,7 +898,8 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
         d.R = c.R ? c.R + static_cast<std::size_t>(g) * Mg * out_plane : nullptr;
         d.oplane = static_cast<std::ptrdiff_t>(out_plane);
         j.ops = &o;
-        j.nqt = Nqp / o.conv_qt;
+        j.nqt = (Nqp + o.conv_qt - 1) / o.conv_qt;
+        j.nq = Nqp;
         j.mtiles = w->Mp / o.conv_mt;
         j.ntq = 1;
         j.nto = 1;

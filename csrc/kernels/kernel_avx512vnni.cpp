@@ -252,19 +252,35 @@ template <int NCB, class Finish>
 static void direct_tile(const DirectConv& d, const DirectRow* rowc, int rows, int oc, int q, Finish finish) {
   alignas(64) std::int32_t acc[kCMR][kCNB][16];
   direct_dot<NCB>(d, d.W + static_cast<std::ptrdiff_t>(oc) * d.Kd, d.X + static_cast<std::ptrdiff_t>(q) * 4, acc);
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < NCB; ++j) finish(rowc[r], q + 16 * j, _mm512_load_si512(acc[r][j]));
+  for (int j = 0; j < NCB; ++j) {
+    const std::ptrdiff_t off = finish.offset(q + 16 * j);  // once per vector column, not per row
+    for (int r = 0; r < rows; ++r) finish(rowc[r], q + 16 * j, off, _mm512_load_si512(acc[r][j]));
+  }
 }
 
-// direct_finish16 for the common case, its choices made at compile time: the output width is the
-// padded width (1x1 convs), no residual, a whole vector inside the image. On 64-channel 1x1 convs
-// (16 k-steps per tile) the generic output stage's per-vector tests and masks were a quarter of
-// the time. Same arithmetic, same order.
-template <bool kU8, bool kBias>
+// The generic output stage (direct_finish16) behind the interface of FastFinish.
+struct GenericFinish {
+  const DirectEpi& e;
+  std::ptrdiff_t offset(int) const { return -1; }
+  void operator()(const DirectRow& row, int q, std::ptrdiff_t, __m512i acc) const { direct_finish16(e, row, q, acc); }
+};
+
+// direct_finish16 for the common case, its choices made at compile time: no residual, 16 pixels
+// inside one output row (offset(q) >= 0: their place in the output plane, once per vector column;
+// kFull: the output width is the padded width, as in 1x1 convs). On 64-channel 1x1 convs (16
+// k-steps per tile) the generic output stage's per-vector tests and masks were a quarter of the
+// time. Same arithmetic, same order; other vectors take the generic stage.
+template <bool kU8, bool kBias, bool kFull>
 struct FastFinish {
   const DirectEpi& e;
-  void operator()(const DirectRow& row, int q, __m512i acc) const {
-    if (q + 16 > e.nq) {  // the image's last, partial vector (or past it)
+  std::ptrdiff_t offset(int q) const {
+    if (kFull) return q + 16 <= e.nq ? q : -1;
+    if (q >= e.nq) return -1;
+    const int oh = q / e.Wp, ow = q - oh * e.Wp;
+    return ow + 16 <= e.OW ? static_cast<std::ptrdiff_t>(oh) * e.OW + ow : -1;
+  }
+  void operator()(const DirectRow& row, int q, std::ptrdiff_t off, __m512i acc) const {
+    if (off < 0) {
       direct_finish16(e, row, q, acc);
       return;
     }
@@ -277,9 +293,9 @@ struct FastFinish {
       y = _mm512_min_ps(y, e.hi);
     }
     if (kU8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(e.Yu + row.base + q), requant16(y, e.oq));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(e.Yu + row.base + off), requant16(y, e.oq));
     else
-      _mm512_storeu_ps(e.Y + row.base + q, y);
+      _mm512_storeu_ps(e.Y + row.base + off, y);
   }
 };
 
@@ -300,22 +316,29 @@ static void conv_direct_with(const DirectConv& d, const DirectEpi& e, int oc0, i
   }
 }
 
-void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
-  const DirectEpi e(d);
-  if (e.Wp != e.OW || e.R) {
-    conv_direct_with(d, e, oc0, oc1, q0, q1,
-                     [&e](const DirectRow& row, int q, __m512i acc) { direct_finish16(e, row, q, acc); });
-  } else if (e.Yu) {
+template <bool kFull>
+static void conv_direct_fast(const DirectConv& d, const DirectEpi& e, int oc0, int oc1, int q0, int q1) {
+  if (e.Yu) {
     if (e.bias)
-      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<true, true>{e});
+      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<true, true, kFull>{e});
     else
-      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<true, false>{e});
+      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<true, false, kFull>{e});
   } else {
     if (e.bias)
-      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<false, true>{e});
+      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<false, true, kFull>{e});
     else
-      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<false, false>{e});
+      conv_direct_with(d, e, oc0, oc1, q0, q1, FastFinish<false, false, kFull>{e});
   }
+}
+
+void conv_direct(const DirectConv& d, int oc0, int oc1, int q0, int q1) {
+  const DirectEpi e(d);
+  if (e.R)
+    conv_direct_with(d, e, oc0, oc1, q0, q1, GenericFinish{e});
+  else if (e.Wp == e.OW)
+    conv_direct_fast<true>(d, e, oc0, oc1, q0, q1);
+  else
+    conv_direct_fast<false>(d, e, oc0, oc1, q0, q1);
 }
 
 // Depthwise with vpdpbusd: 16 outputs of a row per vector; each 32-bit lane gathers the 4 input

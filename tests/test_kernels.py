@@ -335,6 +335,15 @@ CONV_CASES = [
     # AMX direct kernel with 17..63 channels per group (one zero-padded 64-channel block)
     dict(C=24, M=19, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=9, W=10),
     dict(C=48, M=34, group=2, k=(3, 3), strides=(1, 1), pads=(2, 2, 2, 2), dil=(2, 2), H=8, W=9),
+    # images large enough for the direct kernel on AVX512-VNNI (direct_pays: at least 85% of its
+    # computed pixels are outputs; the small images above take the im2col GEMM with weights
+    # repacked from the direct layout): ragged M, dilation, groups, strided 1x1
+    dict(C=70, M=40, group=1, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1), H=15, W=30),
+    dict(C=10, M=9, group=1, k=(3, 3), strides=(1, 1), pads=(2, 2, 2, 2), dil=(2, 2), H=13, W=44),
+    dict(C=130, M=33, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=9, W=16),
+    dict(C=70, M=40, group=1, k=(1, 1), strides=(2, 3), pads=(0, 0, 0, 0), dil=(1, 1), H=29, W=49),
+    dict(C=8, M=6, group=2, k=(2, 3), strides=(1, 1), pads=(0, 2, 1, 0), dil=(1, 1), H=12, W=44),
+    dict(C=20, M=17, group=1, k=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), dil=(1, 1), H=10, W=8),  # 48 + 32 pixels
 ]
 
 

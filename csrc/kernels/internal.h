@@ -102,10 +102,13 @@ struct IsaOps {
   void (*task_begin)() = nullptr;      // per-thread setup around a GEMM task (AMX tile config)
   void (*task_end)() = nullptr;
   // Direct conv (null: the ISA uses the im2col GEMM path). Computes output channels [oc0, oc1)
-  // (multiples of conv_mt, may run past Mg up to Mp) for pixels q in [q0, q1) (multiples of
-  // conv_qt; X must hold every pixel those tiles read).
+  // (multiples of conv_mt, may run past Mg up to Mp) for pixels q in [q0, q1) (q0 a multiple of
+  // conv_qt, q1 of conv_qmin; X must hold every pixel those tiles read).
   void (*conv_direct)(const DirectConv& d, int oc0, int oc1, int q0, int q1) = nullptr;
   int conv_mt = 1, conv_qt = 1, conv_cg_align = 1;
+  // The pixel range is padded to a multiple of conv_qmin (<= conv_qt, dividing it): conv_direct
+  // then also takes q1 - q0 a multiple of conv_qmin, its last tile narrower (0: conv_qt).
+  int conv_qmin = 0;
   // Requantize n floats: q = clamp(nearbyint(y / scale) + zpf, 0, 255). Set on every ISA.
   void (*requant)(const float* y, std::size_t n, float scale, float zpf, std::uint8_t* q) = nullptr;
   // Quantize H rows of W contiguous floats into rows of dst (row stride ldd), one setup for all rows

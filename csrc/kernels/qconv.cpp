@@ -16,6 +16,7 @@
 #include <emmintrin.h>
 
 #include <algorithm>
+#include <mutex>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -49,6 +50,29 @@ class PackedConvImpl final : public PackedConv {
   // channel c being channels 4c..4c+3 (one channel group: (row, col) parity 00, 01, 10, 11).
   bool s2d = false;
   int dkH = 1, dkW = 1;  // the direct kernel's size (= kH, kW unless s2d)
+
+  // Small images on the direct path (see direct_pays): the GEMM path's packed weights, made from
+  // d_w on the first such call (pack time does not know the image size; most layers never need it).
+  const std::vector<std::shared_ptr<PackedB>>& small_image_groups() const {
+    std::call_once(gemm_once, [this] {
+      const int Cg = p.C / p.group, Mg = p.M / p.group, taps = p.kH * p.kW, Kg = Cg * taps;
+      std::vector<std::int8_t> wg(static_cast<std::size_t>(Mg) * Kg);  // [Mg][Cg][kH][kW], im2col's k order
+      for (int g = 0; g < p.group; ++g) {
+        const std::int8_t* src = d_w.get() + static_cast<std::size_t>(g) * Mp * Kd;
+        for (int oc = 0; oc < Mg; ++oc)
+          for (int c = 0; c < Cg; ++c)
+            for (int t = 0; t < taps; ++t)
+              wg[(static_cast<std::size_t>(oc) * Cg + c) * taps + t] =
+                  src[static_cast<std::size_t>(oc) * Kd + (t * CGp + c / 4) * 4 + c % 4];
+        gemm_groups.push_back(pack_b(wg.data(), Kg, Mg, 1, Kg, ops->isa, nullptr));
+      }
+    });
+    return gemm_groups;
+  }
+
+ private:
+  mutable std::once_flag gemm_once;
+  mutable std::vector<std::shared_ptr<PackedB>> gemm_groups;
 };
 
 struct ConvCtx {
@@ -503,6 +527,7 @@ struct DirectJob {
   DirectConv d;
   const IsaOps* ops;
   int nqt, ntq, nto, mtiles;  // q tiles, task splits over q and oc, oc tiles
+  int nq;                     // pixels computed (the last q tile may be narrower)
 };
 
 void direct_task(void* data, std::size_t i) {
@@ -510,7 +535,7 @@ void direct_task(void* data, std::size_t i) {
   const IsaOps& o = *j.ops;
   const int qi = static_cast<int>(i) / j.nto, oi = static_cast<int>(i) % j.nto;
   const int q0 = static_cast<int>(static_cast<long long>(j.nqt) * qi / j.ntq) * o.conv_qt;
-  const int q1 = static_cast<int>(static_cast<long long>(j.nqt) * (qi + 1) / j.ntq) * o.conv_qt;
+  const int q1 = std::min(j.nq, static_cast<int>(static_cast<long long>(j.nqt) * (qi + 1) / j.ntq) * o.conv_qt);
   const int m0 = static_cast<int>(static_cast<long long>(j.mtiles) * oi / j.nto) * o.conv_mt;
   const int m1 = static_cast<int>(static_cast<long long>(j.mtiles) * (oi + 1) / j.nto) * o.conv_mt;
   if (q0 >= q1 || m0 >= m1) return;
@@ -724,6 +749,22 @@ void prepare_image(void* data) {
   }
 }
 
+// Whether the direct kernel (stride 1, or 1x1 on the subsampled image) suits this image: it
+// computes the pixels over the padded width in 16-pixel steps, so on small images much of its work
+// is padding (ResNet-50's 7x7 3x3 layer: 49 outputs in 64 computed pixels; at 96, before the
+// narrow tail tiles, 0.53-0.68x of onnxruntime's QLinearConv) while the im2col GEMM's 6-row tiles
+// waste under 10% (0.9-1.1x). Space-to-depth stays direct.
+int qmin(const IsaOps& o) { return o.conv_qmin ? o.conv_qmin : o.conv_qt; }
+
+bool direct_pays(const PackedConvImpl& w, int OH, int OW) {
+  if (!w.direct || w.s2d || w.ops->isa != Isa::Avx512Vnni) return w.direct;
+  const ConvParams& p = w.p;
+  const bool subsample = p.stride_h != 1 || p.stride_w != 1;
+  const int DW = subsample ? OW : OW + (p.kW - 1) * p.dil_w;  // the padded width of a stride-1 conv
+  const long useful = static_cast<long>(OH) * OW, computed = round_up(OH * DW, qmin(*w.ops));
+  return useful * 100 >= computed * 85;
+}
+
 // Float (X) or u8 (Xu, quantized with *x_scale / *x_zp) input; float (Y) or u8 (Yu, stage.requant)
 // output. With a residual the inner kernels of the non-direct paths run without the activation;
 // the residual and the activation are applied per channel plane right after (residual_act), and a
@@ -753,10 +794,12 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
     throw std::invalid_argument("onnxopt: qconv2d: input too small for the kernel");
   const std::vector<float> ws = expand_scale(stage, p.M);
   const int Mg = p.M / p.group;
-  const bool direct = !w->direct && p.kH == 1 && p.kW == 1 && p.stride_h == 1 && p.stride_w == 1 &&
+  const bool use_direct = direct_pays(*w, OH, OW);
+  const auto& gemm_groups = w->direct ? (use_direct ? w->groups : w->small_image_groups()) : w->groups;
+  const bool direct = !use_direct && p.kH == 1 && p.kW == 1 && p.stride_h == 1 && p.stride_w == 1 &&
                       p.pad_top == 0 && p.pad_left == 0 && p.pad_bottom == 0 && p.pad_right == 0 && !w->depthwise;
   // 1x1 strided direct path: a stride-1 conv over the OH x OW subsampled image.
-  const bool subsample = w->direct && !w->s2d && (p.stride_h != 1 || p.stride_w != 1);
+  const bool subsample = use_direct && !w->s2d && (p.stride_h != 1 || p.stride_w != 1);
   // Hp x Wp: the plane an input channel is padded and quantized into; DH x DW: the direct kernel's
   // image (output pixel q = oh * DW + ow), the phase images for s2d.
   int Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
@@ -774,11 +817,11 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
   std::vector<int> tap_off;
   std::ptrdiff_t L = 0;
   int Nqp = 0;
-  if (w->direct) {
+  if (use_direct) {
     const IsaOps& o = *w->ops;
     for (int kh = 0; kh < w->dkH; ++kh)
       for (int kw = 0; kw < w->dkW; ++kw) tap_off.push_back(kh * ddil_h * DW + kw * ddil_w);
-    Nqp = round_up(OH * DW, o.conv_qt);
+    Nqp = round_up(OH * DW, qmin(o));
     L = round_up(std::max(DH * DW, Nqp + tap_off.back()), 16);
     xp = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.group) * w->CGp * L * 4);
   } else if (!direct && !w->depthwise) {
@@ -788,7 +831,7 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
   if (w->il && !Xu && !w->ops->quant_pack4) xplanes = aligned_alloc_n<std::uint8_t>(static_cast<std::size_t>(p.C) * Hp * Wp);
   // u8 output of the GEMM paths: float staging image, requantized per plane in finish_task
   // (the GEMM epilogue requantizes straight into Yu when there is no residual to add first)
-  const bool stage_gemm = Yu && !w->direct && !w->depthwise && stage.residual;
+  const bool stage_gemm = Yu && !use_direct && !w->depthwise && stage.residual;
   AlignedBuf<float> ystage;
   if (stage_gemm) ystage = aligned_alloc_n<float>(static_cast<std::size_t>(p.M) * out_plane);
 
@@ -820,7 +863,7 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
     c.act = stage.act;
     c.lo = stage.clip_lo;
     c.hi = stage.clip_hi;
-    if (w->direct) {
+    if (use_direct) {
       PackCtx pk{&c, xp.get(), L};
       PackAll pack{w->s2d ? s2d_pack_task : subsample ? direct_pack_strided_task : direct_pack_task,
                    static_cast<std::size_t>(p.group) * w->CGp, &pk};
@@ -855,7 +898,8 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
         d.R = c.R ? c.R + static_cast<std::size_t>(g) * Mg * out_plane : nullptr;
         d.oplane = static_cast<std::ptrdiff_t>(out_plane);
         j.ops = &o;
-        j.nqt = Nqp / o.conv_qt;
+        j.nqt = (Nqp + o.conv_qt - 1) / o.conv_qt;
+        j.nq = Nqp;
         j.mtiles = w->Mp / o.conv_mt;
         j.ntq = 1;
         j.nto = 1;
@@ -919,7 +963,7 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
       cg.ep.ldn = static_cast<std::ptrdiff_t>(out_plane);
       const ASource src{direct ? fill_1x1 : fill_im2col, &cg};
       if (one_region) {  // (one group) the image prepared in the region of the GEMM tasks
-        GemmJob job = plan_gemm(*w->groups[g], static_cast<int>(out_plane), src, cg.ep, par, true);
+        GemmJob job = plan_gemm(*gemm_groups[g], static_cast<int>(out_plane), src, cg.ep, par, true);
         const std::size_t n = static_cast<std::size_t>(job.mchunks) * job.nchunks;
         if (job.parallel) {
           run_after(par, prepare_image, &prep, gemm_task, n, &job);
@@ -929,7 +973,7 @@ void conv_impl(const float* X, const std::uint8_t* Xu, int N, int H, int W, cons
         }
         continue;
       }
-      run_gemm(*w->groups[g], static_cast<int>(out_plane), src, cg.ep, par);
+      run_gemm(*gemm_groups[g], static_cast<int>(out_plane), src, cg.ep, par);
     }
     if (c.R) par(finish_task, static_cast<std::size_t>(p.M), &c);  // requantizes too when staged
   }

@@ -83,9 +83,12 @@ def pays(models, feeds):  # a fake timer: int8 twice as fast everywhere
 
 # ------------------------------------------------------------------------------------------ accuracy
 
-def test_unguarded_quantization_of_the_outlier_model_misses_the_tolerance():
+def test_unguarded_quantization_of_the_outlier_model_misses_the_tolerance_and_says_so():
+    """With the guard off nothing stops a far-off result: optimize() must not return it silently."""
     model = outlier_mlp()
-    q, _ = run_auto(model, feeds(1), autotune=False, tolerance=None)
+    with pytest.warns(RuntimeWarning, match="far from the original's"):
+        q, report = run_auto(model, feeds(1), autotune=False, tolerance=None)
+    assert any(k == "fidelity" and t.startswith("warning:") for k, t in report.messages)
     assert quantized_nodes(q) == ["mm1", "mm2", "mm3"]
     x = feeds(2, n=1, batch=256)[0]
     assert cosine(onnxopt.InferenceSession(q).run(None, x)[0], verify.run(model, x)[0]) < 0.995

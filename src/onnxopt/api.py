@@ -203,6 +203,11 @@ def _finite_samples(ref: list, got: list):
     return cut[:len(ref)], cut[len(ref):], int((~keep).sum())
 
 
+# below this cosine between the result's outputs and the original's, optimize() warns (the int8 guard's
+# default tolerance; with the guard off nothing else would say it)
+FIDELITY_WARNING_COSINE = 0.995
+
+
 def _measure_fidelity(source: ir.Source, result: onnx.ModelProto, report: Report, calibration, seed: int) -> None:
     from . import bench, verify
 
@@ -227,6 +232,11 @@ def _measure_fidelity(source: ir.Source, result: onnx.ModelProto, report: Report
     if dropped:
         text += f" ({dropped} sample(s) with NaN/Inf outputs left out)"
     report.messages.append(("fidelity", text))
+    if not cos >= FIDELITY_WARNING_COSINE:  # NaN included: a result this far off is never returned silently
+        text = (f"the result's outputs are far from the original's (cosine {cos:.4f} < {FIDELITY_WARNING_COSINE} on the "
+                f"{report.fidelity['data']}): check the calibration data (outliers, scale) or keep the accuracy guard on")
+        report.messages.append(("fidelity", "warning: " + text))
+        warnings.warn(f"onnxopt: {text}", RuntimeWarning, stacklevel=4)
 
 
 def run_pipeline(source: ir.Source, pipeline, *, calibration=None, max_iterations: int = 8,

@@ -156,8 +156,8 @@ def check_output(case, got):
                 return "outputs differ", f"output {i}: max abs diff {diff:.3g} (exact passes)"
         elif np.isfinite(a).all() and a.size and np.linalg.norm(a) > 0:
             cos = float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-            if not cos >= 0.98:
-                return "outputs differ", f"output {i}: cosine {cos:.4f} to the input model's output (int8)"
+            if not cos >= 0.98 and not got.get("fidelity_warned"):  # far off, and not said
+                return "outputs differ", f"output {i}: cosine {cos:.4f} to the input model's output (int8, no warning)"
     return None
 
 

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import warnings
 import pickle
 import sys
 import tempfile
@@ -88,14 +89,16 @@ def run_onnxopt(case) -> dict:
                 kw["passes"] = [onnxopt.get_pass(p, autotune=False) if p == "quantize_auto" else p
                                 for p in onnxopt.list_presets()["int8"]]
         out_path = os.path.join(case["out_dir"], "api.onnx")
-        with _recording() as events:
+        with _recording() as events, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
                 result = onnxopt.optimize(case["model_path"], **kw)
                 onnxopt.save(result, out_path)  # the README's way to write it
                 got = {"error": None}
             except BaseException as exc:  # noqa: BLE001 - classify() tells OptimizeError from the rest
                 got = {"error": exc}
-        got.update(kind="api", events=list(events), out_path=out_path)
+        got.update(kind="api", events=list(events), out_path=out_path,
+                   fidelity_warned=any("far from the original" in str(w.message) for w in caught))
         return got
     stdout, stderr = io.StringIO(), io.StringIO()
     with _recording() as events, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):

@@ -1,6 +1,6 @@
 """End-to-end int8: onnxopt's quantization vs onnxruntime fp32 and onnxruntime's own quantizer, per model.
 
-    PYTHONPATH=src python benchmarks/bench_e2e.py MODEL.onnx [...] [--data digits_data.npz]
+    PYTHONPATH=src python benchmarks/bench_e2e.py MODEL.onnx [...] [--data digits_data.npz] [--tokenizer tokenizer.json]
         [--threads 0] [--spinning on|off] [--rounds 7] [--calib 16] [--variants ...]
 
 For every model, in one process:
@@ -23,7 +23,10 @@ inputs: cosine of the first output against fp32 and top-1 agreement; with --data
 Xtr/ytr/Xte/yte) for a model whose input is [b, 1, 8, 8], test accuracy, and the calibration uses Xtr
 (in batches of --digits-batch, default 1: the guards time at the calibration batch size).
 Calibration for other models: random inputs (normal images, random token ids), so their fidelity
-figures say how the numerics hold, not how a trained net's accuracy would. The guarded variants fit
+figures say how the numerics hold, not how a trained net's accuracy would; token_type_ids are 0. With
+--tokenizer (a HuggingFace tokenizer.json) a text encoder gets real sentences instead (padded to 128
+tokens; the first --calib calibrate, the rest judge) and the table adds the cosine of the mean-pooled
+sentence embeddings (mean and min over sentences), which then decides the fidelity summary. The guarded variants fit
 ranges on the first 75% of the calibration feeds and judge on the rest; their per-node decisions are
 printed with --report. Ends with summary lines: speed of every variant over ORT fp32, and for the
 guarded int8 preset the geomean speedup, whether it is ever slower than fp32 and whether its fidelity

@@ -619,7 +619,7 @@ def test_matmuls_static_ranges_fail_keep_int8_with_dynamic_activations(target):
         assert all(len(n.input) <= 4 for n in q.graph.node if n.op_type == "QGemm")  # no x_scale: dynamic
     else:
         assert ops.count("DynamicQuantizeLinear") == 2 and "QuantizeLinear" not in ops
-    assert "dynamic activations where static ranges missed" in str(report)
+    assert "static ranges sent to fp32 keep int8 with dynamic activations" in str(report)
     fresh = scaled_feeds(2, 100)
     sess = onnxopt.InferenceSession(q)
     got = np.concatenate([sess.run(None, f)[0] for f in fresh])
@@ -638,3 +638,23 @@ def test_dynamic_activations_do_not_rescue_a_per_channel_outlier():
     assert not r["mm2"]["quantized"] and r["mm2"]["reason"].startswith("accuracy")
     assert "(static and dynamic)" in r["mm2"]["reason"]
     assert r["mm1"]["activations"] == "static" and r["mm3"]["activations"] == "static"
+
+
+def test_every_matmul_goes_dynamic_when_one_rescued_site_is_not_enough():
+    """A fake score: mm2 static fails; mm1 static fails too once mm2 is int8 in any form; both dynamic
+    pass. The search keeps mm1 static and returns mm2; mm2 dynamic next to static mm1 still fails, so
+    both go dynamic rather than either to fp32."""
+    def modes(model):
+        return {n.name.split("_QGemm")[0]: ("static" if len(n.input) > 4 else "dynamic")
+                for n in model.graph.node if n.op_type == "QGemm"}
+
+    def score(model):
+        m = modes(model)
+        bad = m.get("mm2") == "static" or (m.get("mm1") == "static" and "mm2" in m)
+        return -1.0 if bad else 0.0
+
+    q, report = run_auto(scaled_mlp(), scaled_feeds(1, 16), autotune=False, eval_fn=score, max_drop=0.5)
+    r = rows(report)
+    assert modes(q) == {"mm1": "dynamic", "mm2": "dynamic"}
+    assert r["mm1"]["activations"] == r["mm2"]["activations"] == "dynamic"
+    assert "static ones missed" in r["mm1"]["reason"] and "static u8 missed" in r["mm2"]["reason"]

@@ -119,9 +119,11 @@ class AccuracySearch:
 
     def dynamic_rescue(self, candidates: List[str], kept: List[str]) -> List[str]:
         """The MatMul/Gemm sites the accuracy step returned to fp32 try dynamic activations (quantized
-        per call: no calibrated range to clip, so a transformer's wide FFN activations keep their
-        resolution). All of them at once first; when that misses the tolerance, the accuracy search
-        runs again over the static and dynamic sites together. Those it keeps stay dynamic."""
+        per call: no calibrated range to clip, so a transformer's outlier tokens do not cost the
+        others their resolution). All of them at once first; when that misses the tolerance, every
+        MatMul/Gemm dynamic (each site's error shrinks, so the sum may fit); when that misses too, the
+        accuracy search runs again over that model, and the sites that were static go back to static
+        if the result still meets the tolerance. The returned sites it keeps stay dynamic."""
         back = [n for n in candidates if n not in kept and self.sites[n].kind == "gemm"
                 and self.plan.status.get(n, "").startswith("accuracy")]
         if not back:
@@ -130,15 +132,24 @@ class AccuracySearch:
         self.plan.dynamic = frozenset(back)
         trial = [n for n in candidates if n in kept or n in back]
         if not self.meets(self.evaluate(trial)):
-            trial = self.accuracy_guard(trial)
-        self.plan.dynamic = frozenset(n for n in back if n in trial)
+            self.plan.dynamic = frozenset(n for n in trial if self.sites[n].kind == "gemm")
+            if not self.meets(self.evaluate(trial)):
+                trial = self.accuracy_guard(trial)
+                everything = self.plan.dynamic
+                self.plan.dynamic = frozenset(n for n in back if n in trial)
+                if not self.meets(self.evaluate(trial)):
+                    self.plan.dynamic = everything
+        self.plan.dynamic = frozenset(n for n in self.plan.dynamic if n in trial)
+        for n in self.plan.dynamic - set(back):
+            self.plan.notes[n] = "dynamic activations: with the returned sites dynamic, static ones missed the tolerance"
         for n in back:
             if n in self.plan.dynamic:
                 self.plan.notes[n] = f"dynamic activations: static u8 missed the tolerance, {static_reason[n]}"
             else:
                 self.plan.status[n] = f"{self.plan.status.get(n) or static_reason[n]} (static and dynamic)"
         if self.plan.dynamic:
-            self.ctx.note(f"guard: {self.plan.label}: {len(self.plan.dynamic)} MatMul/Gemm site(s) keep int8 with "
-                          f"dynamic activations where static ranges missed the tolerance: "
-                          f"{', '.join(sorted(self.plan.dynamic)[:12])}")
+            rescued = sorted(self.plan.dynamic & set(back))
+            self.ctx.note(f"guard: {self.plan.label}: {len(rescued)} MatMul/Gemm site(s) static ranges sent to "
+                          f"fp32 keep int8 with dynamic activations ({len(self.plan.dynamic)} dynamic in all): "
+                          f"{', '.join(rescued[:12])}")
         return trial

@@ -1,6 +1,6 @@
 """End-to-end int8: onnxopt's quantization vs onnxruntime fp32 and onnxruntime's own quantizer, per model.
 
-    PYTHONPATH=src python benchmarks/bench_e2e.py MODEL.onnx [...] [--data digits_data.npz]
+    PYTHONPATH=src python benchmarks/bench_e2e.py MODEL.onnx [...] [--data digits_data.npz] [--tokenizer tokenizer.json]
         [--threads 0] [--spinning on|off] [--rounds 7] [--calib 16] [--variants ...]
 
 For every model, in one process:
@@ -23,7 +23,10 @@ inputs: cosine of the first output against fp32 and top-1 agreement; with --data
 Xtr/ytr/Xte/yte) for a model whose input is [b, 1, 8, 8], test accuracy, and the calibration uses Xtr
 (in batches of --digits-batch, default 1: the guards time at the calibration batch size).
 Calibration for other models: random inputs (normal images, random token ids), so their fidelity
-figures say how the numerics hold, not how a trained net's accuracy would. The guarded variants fit
+figures say how the numerics hold, not how a trained net's accuracy would; token_type_ids are 0. With
+--tokenizer (a HuggingFace tokenizer.json) a text encoder gets real sentences instead (padded to 128
+tokens; the first --calib calibrate, the rest judge) and the table adds the cosine of the mean-pooled
+sentence embeddings (mean and min over sentences), which then decides the fidelity summary. The guarded variants fit
 ranges on the first 75% of the calibration feeds and judge on the rest; their per-node decisions are
 printed with --report. Ends with summary lines: speed of every variant over ORT fp32, and for the
 guarded int8 preset the geomean speedup, whether it is ever slower than fp32 and whether its fidelity
@@ -78,9 +81,53 @@ def make_feed(specs, rng, batch=1):
             feed[name] = rng.standard_normal(dims).astype(dtype)
         elif "mask" in name.lower():
             feed[name] = np.ones(dims, dtype)
+        elif "token_type" in name.lower():  # segment ids: 0 (one sentence)
+            feed[name] = np.zeros(dims, dtype)
         else:
             feed[name] = rng.integers(0, 1000, dims).astype(dtype)
     return feed
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.", "A man is playing a guitar on the street corner.",
+    "Quantized transformers trade a little accuracy for a lot of speed.", "It rained all night in the valley.",
+    "How do I reset my password?", "The committee postponed its decision until next spring.",
+    "She ordered a coffee and sat by the window to read.", "Prices of solar panels fell again this year.",
+    "Children were building a sandcastle near the waves.", "What is the capital city of Australia?",
+    "The recipe needs two eggs, flour, butter and a pinch of salt.", "Our train was delayed by forty minutes.",
+    "Neural networks learn representations from data.", "He fixed the bicycle chain with a borrowed tool.",
+    "The museum opens a new exhibition on ancient maps.", "Please send the report before Friday afternoon.",
+    "A cat sleeps in a patch of warm sunlight.", "The stock market closed slightly higher on Tuesday.",
+    "Volunteers planted three hundred trees in the park.", "Can you recommend a good book about history?",
+    "The orchestra played a symphony by Beethoven.", "Heavy snow blocked the mountain pass for days.",
+    "The startup raised funding to expand into Europe.", "My phone battery drains too quickly lately.",
+]
+
+
+def text_feeds(specs, tokenizer_path):
+    """One feed per sentence (batch 1, padded to SEQ) from a HuggingFace tokenizer.json."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(tokenizer_path)
+    tok.enable_padding(length=SEQ)
+    tok.enable_truncation(SEQ)
+    feeds = []
+    for text in SENTENCES:
+        e = tok.encode(text)
+        cols = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+        feeds.append({name: np.asarray([cols[name]], dtype) for name, dtype, _ in specs})
+    return feeds
+
+
+def pooled_cosine(ref, outs, masks):
+    """Mean over samples of the cosine between mask-mean-pooled [b, seq, d] outputs (sentence embeddings)."""
+    cos = []
+    for r, o, m in zip(ref, outs, masks):
+        w = m[..., None].astype(np.float64)
+        a = (np.asarray(r, np.float64) * w).sum(1) / w.sum(1)
+        b = (np.asarray(o, np.float64) * w).sum(1) / w.sum(1)
+        cos.extend(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30))
+    return float(np.mean(cos)), float(np.min(cos))
 
 
 def session(model_or_path, settings):
@@ -171,6 +218,10 @@ def bench_model(path, args, digits):
         calib = [{name0: digits["Xtr"][i:i + b].astype(np.float32)} for i in range(0, len(digits["Xtr"]), b)]
         evals = [{name0: digits["Xte"].astype(np.float32)}]
         lat_feed = {name0: digits["Xte"][:1].astype(np.float32)}
+    elif args.tokenizer:  # real sentences: the first --calib calibrate, the rest judge fidelity
+        feeds = text_feeds(specs, args.tokenizer)
+        calib, evals = feeds[:args.calib], feeds[args.calib:]
+        lat_feed = evals[0]
     else:
         calib = [make_feed(specs, rng) for _ in range(args.calib)]
         evals = [make_feed(specs, rng) for _ in range(args.evals)]
@@ -199,6 +250,8 @@ def bench_model(path, args, digits):
                 if ref[0].ndim >= 2:
                     row["top1"] = float(np.mean([np.mean(r.argmax(-1) == o.argmax(-1)) for r, o in zip(ref, outs)]))
                 row["logits"] = ref[0].ndim == 2  # the guard judges top-1 on 2-D (classifier) outputs only
+                if ref[0].ndim == 3 and "attention_mask" in evals[0]:
+                    row["emb"] = pooled_cosine(ref, outs, [f["attention_mask"] for f in evals])
             if is_digits:
                 row["acc"] = float(np.mean(outs[0].argmax(-1) == digits["yte"]))
             rows[k] = row
@@ -222,6 +275,8 @@ def main():
     ap.add_argument("--evals", type=int, default=4, help="held-out random inputs for fidelity")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--report", action="store_true", help="print the guards' per-node table")
+    ap.add_argument("--tokenizer", help="tokenizer.json: feed real sentences (calibration and fidelity) to a "
+                    "text encoder and report the mean-pooled embedding cosine (mean/min over sentences)")
     ap.add_argument("--digits-batch", type=int, default=1, help="calibration batch for the digits CNN")
     args = ap.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
@@ -251,12 +306,14 @@ def main():
             acc = f"{r['acc'] * 100:6.2f}" if "acc" in r else f"{'':>6}"
             top1 = f"{r['top1']:6.3f}" if "top1" in r else f"{'':>6}"
             opt_s = f"{r['opt_s']:6.1f}" if r.get("opt_s") is not None else f"{'':>6}"
+            emb = f"  emb cos mean {r['emb'][0]:.5f} min {r['emb'][1]:.5f}" if "emb" in r else ""
             print(f"{name:<18} {k:<14} {r['ms']:9.3f} {ratio:7.2f} {r['size'] / 1e6:8.1f} {rel:6.3f} "
-                  f"{r.get('cos', float('nan')):8.5f} {top1} {acc} {opt_s}")
+                  f"{r.get('cos', float('nan')):8.5f} {top1} {acc} {opt_s}{emb}")
             if k != "fp32":
                 summary.append(f"{name}/{k}={ratio:.2f}x")
             if k.startswith("oo-int8"):
-                ok = r.get("cos", 0) >= 0.995 and (not r.get("logits") or r.get("top1", 1.0) >= 0.99)
+                cos = r["emb"][0] if "emb" in r else r.get("cos", 0)  # embeddings: judged pooled
+                ok = cos >= 0.995 and (not r.get("logits") or r.get("top1", 1.0) >= 0.99)
                 rep = reports.get(k)
                 fp32_kept = rep is not None and any("nothing worth quantizing" in t for _, t in rep.messages)
                 guarded.append((k, name, ratio, ok, fp32_kept))

@@ -596,3 +596,84 @@ def test_a_model_with_external_data_quantizes(tmp_path, target):
     x = feeds(9, n=1)[0]
     ref = verify.run(onnx.load(str(path)), x)[0]
     assert cosine(ref, verify.run(q, x)[0]) > 0.99
+
+
+# ------------------------------------------------------------------- per-site dynamic activations
+
+def scaled_mlp(seed=0, k=K, classes=CLASSES):
+    """x -> mm1 -> relu -> mm2 (a classifier fitted on the toy task), no biases: y(c x) = c y(x), so
+    the predicted class does not depend on the input's scale."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((k, k)) / np.sqrt(k)).astype(F32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1")]
+    feat = make_model(nodes, [vi("x", ["n", k])], [vi("r1", ["n", k])], [init("W1", w1)])
+    labels = rng.integers(0, classes, 2000)
+    f = verify.run(feat, {"x": (TEMPLATES[labels] + rng.standard_normal((2000, k))).astype(F32)})[0]
+    w2 = np.linalg.solve(f.T @ f + np.eye(k), f.T @ np.eye(classes, dtype=F32)[labels]).astype(F32)
+    nodes.append(helper.make_node("MatMul", ["r1", "W2"], ["y"], name="mm2"))
+    return make_model(nodes, [vi("x", ["n", k])], [vi("y", ["n", classes])], [init("W1", w1), init("W2", w2)])
+
+
+def scaled_feeds(seed, n):
+    """One sample per feed, scaled by 10^[-3, 3]: one calibrated u8 range fits the loud samples and
+    rounds the quiet ones to zero; quantizing each call's activations on their own range does not."""
+    rng = np.random.default_rng(seed)
+    return [{"x": samples(rng, 1) * F32(10.0 ** rng.uniform(-3, 3))} for _ in range(n)]
+
+
+@pytest.mark.parametrize("target", ["onnxopt", "onnxruntime"])
+def test_matmuls_static_ranges_fail_keep_int8_with_dynamic_activations(target):
+    model = scaled_mlp()
+    cal = scaled_feeds(1, 160)
+    tol = {"cosine": 0.99, "top1": 0.95}
+    q, report = run_auto(model, cal, autotune=False, tolerance=tol, target=target)
+    r = rows(report)
+    for n in ("mm1", "mm2"):  # static alone missed (unguarded check below); dynamic kept them in int8
+        assert r[n]["quantized"] and r[n]["activations"] == "dynamic", r[n]
+        assert "dynamic activations" in r[n]["reason"]
+    ops = [n.op_type for n in q.graph.node]
+    if target == "onnxopt":
+        assert ops.count("QGemm") == 2
+        assert all(len(n.input) <= 4 for n in q.graph.node if n.op_type == "QGemm")  # no x_scale: dynamic
+    else:
+        assert ops.count("DynamicQuantizeLinear") == 2 and "QuantizeLinear" not in ops
+    assert "static ranges sent to fp32 keep int8 with dynamic activations" in str(report)
+    fresh = scaled_feeds(2, 100)
+    sess = onnxopt.InferenceSession(q)
+    got = np.concatenate([sess.run(None, f)[0] for f in fresh])
+    ref = np.concatenate([verify.run(model, f)[0] for f in fresh])
+    assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.95
+    # static u8 for both misses the tolerance on the same data: the guard had a reason to choose
+    s, _ = run_auto(model, cal, autotune=False, tolerance=None, target=target)
+    static = np.concatenate([onnxopt.InferenceSession(s).run(None, f)[0] for f in fresh])
+    assert np.mean(static.argmax(1) == ref.argmax(1)) < 0.9
+
+
+def test_dynamic_activations_do_not_rescue_a_per_channel_outlier():
+    """mm2's outlier channel is in every row: dynamic per-row ranges fail too, so it stays fp32."""
+    q, report = run_auto(outlier_mlp(), feeds(1), autotune=False)
+    r = rows(report)
+    assert not r["mm2"]["quantized"] and r["mm2"]["reason"].startswith("accuracy")
+    assert "(static and dynamic)" in r["mm2"]["reason"]
+    assert r["mm1"]["activations"] == "static" and r["mm3"]["activations"] == "static"
+
+
+def test_every_matmul_goes_dynamic_when_one_rescued_site_is_not_enough():
+    """A fake score: mm2 static fails; mm1 static fails too once mm2 is int8 in any form; both dynamic
+    pass. The search keeps mm1 static and returns mm2; mm2 dynamic next to static mm1 still fails, so
+    both go dynamic rather than either to fp32."""
+    def modes(model):
+        return {n.name.split("_QGemm")[0]: ("static" if len(n.input) > 4 else "dynamic")
+                for n in model.graph.node if n.op_type == "QGemm"}
+
+    def score(model):
+        m = modes(model)
+        bad = m.get("mm2") == "static" or (m.get("mm1") == "static" and "mm2" in m)
+        return -1.0 if bad else 0.0
+
+    q, report = run_auto(scaled_mlp(), scaled_feeds(1, 16), autotune=False, eval_fn=score, max_drop=0.5)
+    r = rows(report)
+    assert modes(q) == {"mm1": "dynamic", "mm2": "dynamic"}
+    assert r["mm1"]["activations"] == r["mm2"]["activations"] == "dynamic"
+    assert "static ones missed" in r["mm1"]["reason"] and "static u8 missed" in r["mm2"]["reason"]

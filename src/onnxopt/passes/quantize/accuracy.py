@@ -1,6 +1,7 @@
 """The accuracy half of the quantization guard: which sites go back to fp32 so that a target's int8
-model meets the tolerance (see guard.py, step 2). A mixin of Guard: it uses the guard's sites, rows,
-current plan and evaluate/meets."""
+model meets the tolerance (see guard.py, step 2), and which MatMul/Gemm sites among those keep int8
+with per-call (dynamic) activation quantization instead. A mixin of Guard: it uses the guard's sites,
+rows, current plan and evaluate/meets."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -117,3 +118,40 @@ class AccuracySearch:
             self.ctx.note(f"guard: {self.plan.label}: accuracy by block: returned {len(returned)} block(s) to fp32 worst first "
                           f"({'; '.join(returned)}){again}")
         return [n for n in kept if n not in back]
+
+    def dynamic_rescue(self, candidates: List[str], kept: List[str]) -> List[str]:
+        """The MatMul/Gemm sites the accuracy step returned to fp32 try dynamic activations (quantized
+        per call: no calibrated range to clip, so a transformer's outlier tokens do not cost the
+        others their resolution). All of them at once first; when that misses the tolerance, every
+        MatMul/Gemm dynamic (each site's error shrinks, so the sum may fit); when that misses too, the
+        accuracy search runs again over that model, and the sites that were static go back to static
+        if the result still meets the tolerance. The returned sites it keeps stay dynamic."""
+        back = [n for n in candidates if n not in kept and self.sites[n].kind == "gemm"
+                and self.plan.status.get(n, "").startswith("accuracy")]
+        if not back:
+            return kept
+        static_reason = {n: self.plan.status.pop(n) for n in back}
+        self.plan.dynamic = frozenset(back)
+        trial = [n for n in candidates if n in kept or n in back]
+        if not self.meets(self.evaluate(trial)):
+            self.plan.dynamic = frozenset(n for n in trial if self.sites[n].kind == "gemm")
+            if not self.meets(self.evaluate(trial)):
+                trial = self.accuracy_guard(trial)
+                everything = self.plan.dynamic
+                self.plan.dynamic = frozenset(n for n in back if n in trial)
+                if not self.meets(self.evaluate(trial)):
+                    self.plan.dynamic = everything
+        self.plan.dynamic = frozenset(n for n in self.plan.dynamic if n in trial)
+        for n in self.plan.dynamic - set(back):
+            self.plan.notes[n] = "dynamic activations: with the returned sites dynamic, static ones missed the tolerance"
+        for n in back:
+            if n in self.plan.dynamic:
+                self.plan.notes[n] = f"dynamic activations: static u8 missed the tolerance, {static_reason[n]}"
+            else:
+                self.plan.status[n] = f"{self.plan.status.get(n) or static_reason[n]} (static and dynamic)"
+        if self.plan.dynamic:
+            rescued = sorted(self.plan.dynamic & set(back))
+            self.ctx.note(f"guard: {self.plan.label}: {len(rescued)} MatMul/Gemm site(s) static ranges sent to "
+                          f"fp32 keep int8 with dynamic activations ({len(self.plan.dynamic)} dynamic in all): "
+                          f"{', '.join(rescued[:12])}")
+        return trial

@@ -16,7 +16,8 @@ ops, the others as QDQ) — so one lowering that is slow on this machine throws 
    (NHWC int8 regions), so that target keeps every site here and step 3 decides.
 2. accuracy, per target, with that lowering's numerics (`tolerance` or `eval_fn`/`max_drop`, see
    accuracy.py): sites ranked by SQNR and end-to-end cosine go back to fp32, block by block, until
-   the target's model meets the tolerance.
+   the target's model meets the tolerance; the MatMul/Gemm among them then try dynamic activations
+   (quantized per call) and stay int8 that way when the model still meets it.
 3. the whole candidate models are timed against each other and fp32, interleaved, at the deployment
    settings (`threads`, `spinning`; default onnxruntime's own). The fastest wins; a target within the
    spread of the fastest is as fast (ties go to the one with more int8 sites, then onnxruntime QDQ,
@@ -123,6 +124,7 @@ class Plan:
     target: str
     kept: List[str] = dataclasses.field(default_factory=list)
     ours: frozenset = frozenset()
+    dynamic: frozenset = frozenset()  # kept MatMul/Gemm sites with per-call activation quantization
     status: Dict[str, str] = dataclasses.field(default_factory=dict)
     notes: Dict[str, str] = dataclasses.field(default_factory=dict)
     timed: Optional[Timed] = None
@@ -197,11 +199,12 @@ class Guard(AccuracySearch, CostSearch):
 
     def lower_plan(self, g: gs.Graph, sites: List[Site], plan: Plan, prefix: str) -> int:
         if plan.target != "mixed":
-            return self.lower(g, self.ctx, sites, self.ranges, plan.target, prefix=prefix)
+            return self.lower(g, self.ctx, sites, self.ranges, plan.target, prefix=prefix, dynamic=plan.dynamic)
         ours = [s for s in sites if s.node.name in plan.ours]
         theirs = [s for s in sites if s.node.name not in plan.ours]
-        return (self.lower(g, self.ctx, ours, self.ranges, "onnxopt", prefix=prefix)
-                + self.lower(g, self.ctx, theirs, self.ranges, "onnxruntime", prefix=prefix + "m"))
+        return (self.lower(g, self.ctx, ours, self.ranges, "onnxopt", prefix=prefix, dynamic=plan.dynamic)
+                + self.lower(g, self.ctx, theirs, self.ranges, "onnxruntime", prefix=prefix + "m",
+                             dynamic=plan.dynamic))
 
     def run_model(self, model: onnx.ModelProto, names: Optional[List[str]] = None) -> List[List[np.ndarray]]:
         sess = verify.session(model, optimization="basic", threads=0)
@@ -209,11 +212,11 @@ class Guard(AccuracySearch, CostSearch):
 
     def fid_key(self, names) -> tuple:
         names = frozenset(names)
-        return self.plan.target, self.plan.ours & names, names
+        return self.plan.target, self.plan.ours & names, self.plan.dynamic & names, names
 
     def evaluate(self, names) -> Fidelity:
         key = self.fid_key(names)
-        names = key[2]
+        names = key[-1]
         hit = self._fid_cache.get(key)
         if hit is None:
             hit = self.judge(self.build(self.fp32, names) if names else self.fp32)
@@ -293,7 +296,7 @@ class Guard(AccuracySearch, CostSearch):
                         continue  # the same model as one of the others
                     kept, plan.ours = [n for n in names if n in ours or n in theirs], ours
                 if self.accuracy:
-                    kept = self.accuracy_guard(kept)
+                    kept = self.dynamic_rescue(kept, self.accuracy_guard(kept))
                 plan.kept = kept
                 plans.append(plan)
             except ORT_ERRORS as e:
@@ -349,6 +352,7 @@ class Guard(AccuracySearch, CostSearch):
                 continue
             r["quantized"] = n in kept
             if r["quantized"]:
+                r["activations"] = "dynamic" if n in plan.dynamic else "static"
                 r["reason"] = ("int8 pays" if self.o["autotune"] else "int8") + (", within tolerance" if self.accuracy else "")
                 if n in plan.notes:
                     r["reason"] += f" ({plan.notes[n]})"

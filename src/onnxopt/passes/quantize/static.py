@@ -11,8 +11,8 @@ from ... import ir
 from ...errors import PassOptionError
 from ..base import Pass, PassContext, Refusal, register_pass
 from . import calibrate, guard
-from .common import (QDQ, Emitter, Site, activation_params, check_common_options, find_site, lower_onnxopt,
-                     lower_static_ort, resolve_target)
+from .common import (QDQ, Emitter, Site, activation_params, check_common_options, find_site, lower_dynamic_ort,
+                     lower_onnxopt, lower_static_ort, resolve_target)
 from .dynamic import QuantizeDynamic
 
 STATIC_OPTIONS = {"target": "auto", "method": "minmax", "percentile": 99.999, "bins": 2048, "min_macs": 4096,
@@ -98,12 +98,22 @@ class QuantizeStatic(Pass):
 
 
 def lower_sites(graph: gs.Graph, ctx: PassContext, sites: List[Site], ranges: Dict[str, Tuple[float, float]],
-                target: str, prefix: str = "qs") -> int:
-    """Lower `sites` (found in `graph`) to int8 with the calibrated `ranges`; returns how many were."""
+                target: str, prefix: str = "qs", dynamic: frozenset = frozenset()) -> int:
+    """Lower `sites` (found in `graph`) to int8 with the calibrated `ranges`; returns how many were.
+    The MatMul/Gemm sites named in `dynamic` quantize their activations per call instead (per row as
+    com.onnxopt QGemm, per tensor as onnxruntime's DynamicQuantizeMatMul): the guard's choice for a
+    site whose static range costs too much accuracy."""
     em = Emitter(graph, ctx, prefix)
     qdq = QDQ(em, ranges)
     done = 0
     for site in sites:
+        if site.node.name in dynamic and site.kind == "gemm":
+            if target == "onnxopt":
+                lower_onnxopt(em, site)
+            else:
+                lower_dynamic_ort(em, site)
+            done += 1
+            continue
         if site.x.name not in ranges or (target == "onnxruntime" and site.kind == "conv"
                                          and site.out.name not in ranges):
             ctx.note(f"left {site.node.name or site.node.op} in float: no finite calibration values")

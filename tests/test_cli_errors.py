@@ -167,3 +167,28 @@ def test_bench_inputs_too_large_for_memory_leave_out_the_table(tmp_path, capsys,
     assert main(["optimize", EXAMPLE, "-o", str(out), "--rounds", "1"]) == 0
     assert "do not fit in memory" in capsys.readouterr().out
     assert out.exists()
+
+
+def test_a_declared_shape_past_numpys_limit_is_a_memory_note_not_a_traceback(tmp_path, capsys):
+    """A declared dim of 2**63 - 1: numpy raises ValueError ('array is too big'), not MemoryError, so
+    the CLI's before/after bench died with a traceback (fuzz case 3082)."""
+    from onnxopt import verify
+
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2**63 - 1, 4])], [vi("y", [2**63 - 1, 4])])
+    with pytest.raises(MemoryError, match="does not fit in memory"):
+        verify.make_feeds(m)
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(m, str(path))
+    code = main(["optimize", str(path), "-o", str(out), "--rounds", "1"])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and (code == 0 or (code == 2 and len(captured.err.splitlines()) == 1))
+
+
+def test_the_before_after_table_times_at_onnxruntimes_defaults():
+    """The CLI's table timed both models at 1 thread without spinning: not what users run."""
+    from onnxopt import bench
+
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2, 4])], [vi("y", [2, 4])])
+    cmp = bench.compare_models(m, m, rounds=1)
+    assert "as onnxruntime picks" in cmp.settings and "spinning as onnxruntime sets it" in cmp.settings
+    assert "1 intra-op thread(s)" in bench.compare_models(m, m, rounds=1, threads=1).settings

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization target: com.onnxopt fused ops or standard QDQ for plain onnxruntime")
     o.add_argument("--no-bench", action="store_true", help="skip the before/after timing table")
     o.add_argument("--rounds", type=_positive_int, default=7)
-    o.add_argument("--threads", type=_positive_int, default=1)
+    o.add_argument("--threads", type=_positive_int, help="intra-op threads of the timed sessions "
+                   "(default: onnxruntime's own choice, as plain onnxruntime runs)")
     _report_flags(o)
     o.set_defaults(fn=cmd_optimize)
 
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("optimized")
     b.add_argument("--data", help=".npz with one array per model input")
     b.add_argument("--rounds", type=_positive_int, default=7)
-    b.add_argument("--threads", type=_positive_int, default=1)
+    b.add_argument("--threads", type=_positive_int, help="intra-op threads (default: onnxruntime's own choice)")
     _report_flags(b)
     b.set_defaults(fn=cmd_bench)
     return p

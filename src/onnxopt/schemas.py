@@ -74,7 +74,7 @@ def _input_dims(ctx, i):
         out = []
         for d in t.tensor_type.shape.dim:
             if d.HasField("dim_value"):
-                out.append(d.dim_value)
+                out.append(d.dim_value if d.dim_value >= 0 else None)  # -1: dynamic, as onnxruntime reads it
             elif d.HasField("dim_param"):
                 out.append(d.dim_param)
             else:

@@ -2,6 +2,7 @@
 verify=True's bisection that names the first pass that broke a model."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -29,6 +30,9 @@ def input_specs(model: onnx.ModelProto) -> List[tuple]:
     return specs
 
 
+MAX_FEED_BYTES = 1 << 34  # a generated input larger than 16 GiB is a declared shape nobody runs
+
+
 def make_feeds(model: onnx.ModelProto, seed: int = 0, dims: Optional[Dict[str, int]] = None) -> Dict[str, np.ndarray]:
     """Random inputs respecting dtypes and shapes; a symbolic dim gets the same value everywhere."""
     rng = np.random.default_rng(seed)
@@ -43,6 +47,8 @@ def make_feeds(model: onnx.ModelProto, seed: int = 0, dims: Optional[Dict[str, i
                 concrete.append(dims.setdefault(d, DEFAULT_DIM))
             else:
                 concrete.append(DEFAULT_DIM)
+        if math.prod(concrete) * max(dtype.itemsize, 1) > MAX_FEED_BYTES:  # numpy says ValueError past 2**63
+            raise MemoryError(f"input {name!r} of the declared shape {concrete} does not fit in memory")
         if dtype.kind == "f":
             arr = rng.standard_normal(concrete).astype(dtype)
         elif dtype.kind == "b":

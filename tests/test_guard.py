@@ -677,3 +677,15 @@ def test_every_matmul_goes_dynamic_when_one_rescued_site_is_not_enough():
     assert modes(q) == {"mm1": "dynamic", "mm2": "dynamic"}
     assert r["mm1"]["activations"] == r["mm2"]["activations"] == "dynamic"
     assert "static ones missed" in r["mm1"]["reason"] and "static u8 missed" in r["mm2"]["reason"]
+
+
+def test_too_few_held_out_samples_to_trust_the_accuracy_verdict_are_said():
+    """The corpus gave 8 calibration samples: the guard judged on 2 held-out ones, and int8 lost labels
+    on other inputs without a word."""
+    with pytest.warns(RuntimeWarning, match="only 2 held-out sample"):
+        _, report = run_auto(outlier_mlp(), feeds(1, n=4, batch=2), timer=pays)
+    assert any(t.startswith("warning: guard: only 2 held-out") for _, t in report.messages)
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error", RuntimeWarning)
+        run_auto(outlier_mlp(), feeds(1), timer=pays)  # 8 feeds of 16: enough held out, no warning

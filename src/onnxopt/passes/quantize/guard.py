@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -54,6 +55,7 @@ from .costs import Clock, Timed, default_timer, fusion_audit, not_slower, pays  
 from .heldout import Fidelity, fidelity, split_feeds, sqnr_db  # noqa: F401  (split_feeds: public)
 
 F32 = np.float32
+TRUSTED_HELDOUT_SAMPLES = 16  # fewer held-out samples than this: the accuracy verdict comes with a warning
 DEFAULT_TOLERANCE = {"cosine": 0.995, "top1": 0.99}
 GUARD_OPTIONS = {"tolerance": None, "eval_fn": None, "max_drop": 0.01, "autotune": False,
                  "min_speedup": 1.05, "threads": None, "spinning": None, "holdout": 0.25, "probe": 8,
@@ -382,6 +384,11 @@ class Guard(AccuracySearch, CostSearch):
         elif self.tol is not None:
             want = " (tolerance " + ", ".join(f"{k} >= {v:g}" for k, v in self.tol.items()) + ")"
         ctx.note(f"guard: fidelity on {len(self.check)} held-out feed(s), {n_samples} sample(s): {fid.text()}{want}")
+        if n_samples < TRUSTED_HELDOUT_SAMPLES:  # the corpus: 2 held-out samples passed, 12 others lost labels
+            text = (f"guard: only {n_samples} held-out sample(s) judged int8's accuracy: too few to trust; give "
+                    "more calibration samples (a few hundred real ones)")
+            ctx.note("warning: " + text)
+            warnings.warn(f"onnxopt: {text}", RuntimeWarning, stacklevel=2)
         if plan.timed is not None:
             tf, tq = self.fp32_timed.median, plan.timed.median
             ctx.note(f"guard: whole model {tq:.3f} ms int8 ({plan.label}) vs {tf:.3f} ms fp32 = "

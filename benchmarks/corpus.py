@@ -12,7 +12,7 @@ fetched or exported into the cache folder on first use, never at import and neve
 
 Per model, in a subprocess of its own (a crash or a timeout is a row, not the end of the run):
   ort      the original in onnxruntime.InferenceSession with default SessionOptions (the baseline); also
-           timed with intra-op spinning off (column nospin), as onnxopt.InferenceSession sets it today
+           timed with intra-op spinning off (column nospin: how much of a ratio is the session setting)
   default  onnxopt.optimize(path) run in onnxopt.InferenceSession: exact? (max abs diff, and relative
            to the largest reference output), speed vs ort; `onnx.save` of the result loads in ort?
   int8     onnxopt.optimize(path, passes=["int8"], calibration=...) in onnxopt.InferenceSession: speed
@@ -564,8 +564,8 @@ def bench_entry(entry: dict, args) -> dict:
     if entry["inputs"] == "vad_silero":
         calib, evals = chain_states(s_ref, calib), chain_states(s_ref, evals)
     ref = [s_ref.run(None, f) for f in evals]
-    # onnxopt.InferenceSession turned intra-op spinning off (issue 12, cause 3): the same original without
-    # spinning tells the graph's gain from the session setting's
+    # onnxopt.InferenceSession used to turn intra-op spinning off (issue 12, cause 3); the original without
+    # spinning still tells the graph's gain from a session setting's
     no_spin = ort.SessionOptions()
     no_spin.add_session_config_entry("session.intra_op.allow_spinning", "0")
     timed = [s_ref, ort.InferenceSession(path, no_spin, providers=["CPUExecutionProvider"])]
@@ -764,12 +764,18 @@ def main(argv=None):
     print("columns: def = onnxopt.optimize(path) in onnxopt.InferenceSession; x = speed over the baseline; "
           f"rel = max abs diff / max |ref| (exact <= {EXACT_REL:g}); int8 fid = task metric (! = below threshold) and cosine of all outputs; "
           "size = int8 / original; save = onnx.save(result) loads in onnxruntime; nospin = def x against the "
-          "original with intra-op spinning off, as onnxopt.InferenceSession sets it", flush=True)
+          "original with intra-op spinning off", flush=True)
     print(header(), flush=True)
     rows = []
     t_start = time.perf_counter()
+    from onnxopt import progress
+
+    models_bar = progress.bar(total=len(entries), desc="corpus", unit="model", leave=True)
     for i, e in enumerate(entries):
-        print(f"[{i + 1}/{len(entries)}] {e['name']} ...", file=sys.stderr, flush=True)
+        if progress.enabled():  # a bar on a terminal; a log gets one line per model
+            models_bar.set_postfix_str(e["name"])
+        else:
+            print(f"[{i + 1}/{len(entries)}] {e['name']} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result = f.name
@@ -785,6 +791,8 @@ def main(argv=None):
         row["source"] = source_label(e)
         rows.append(row)
         print(format_row(e, row), flush=True)
+        models_bar.update()
+    models_bar.close()
     print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
     print(summary(rows, args.skip_int8), flush=True)
     if args.json:

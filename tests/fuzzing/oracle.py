@@ -21,7 +21,9 @@ def _allowed_prefixes():
     return [os.path.realpath(r) + os.sep for r in roots if r]
 
 
-_ALLOWED_FILES = {"/dev/null", "/dev/urandom"}
+# read by libraries, never by a model's say: LLVM's host-CPU detection when numba first compiles in a
+# fresh install (the fuzz cases' own external-data attacks aim at /proc/self/environ, still refused)
+_ALLOWED_FILES = {"/dev/null", "/dev/urandom", "/proc/cpuinfo", "/proc/self/maps"}
 
 
 def _within(path: str, folder: str) -> bool:

@@ -56,7 +56,7 @@ def outside_accesses(events, case) -> list:
             pass
         if _within(full, case["model_dir"]) and _within(real, model_dir):
             continue
-        if any(_within(real, d) for d in allowed_dirs) or real in _ALLOWED_FILES:
+        if any(_within(real, d) for d in allowed_dirs) or real in _ALLOWED_FILES or full in _ALLOWED_FILES:
             continue
         if _within(real, tmp) and os.path.relpath(real, tmp).split(os.sep)[0].startswith("onnxopt-"):
             continue  # onnxopt's own scratch dirs (checker, verify, sessions)

@@ -773,7 +773,15 @@ def _copy_writing_payloads(src, dst, writer: "_PayloadWriter") -> None:
     if isinstance(src, onnx.AttributeProto) and src.type not in _WITH_TENSORS:
         dst.CopyFrom(src)
         return
+    _copy_fields(src, dst, lambda s, d: _copy_writing_payloads(s, d, writer))
+
+
+def _copy_fields(src, dst, copy_message, skip=()) -> None:
+    """Copy the fields of message `src` into `dst` (but `skip`): scalars as they are, sub-messages
+    through `copy_message(src_item, dst_item)`."""
     for field, value in src.ListFields():
+        if field.name in skip:
+            continue
         if field.message_type is None:
             if field.is_repeated:
                 getattr(dst, field.name).extend(value)
@@ -782,9 +790,9 @@ def _copy_writing_payloads(src, dst, writer: "_PayloadWriter") -> None:
         elif field.is_repeated:
             container = getattr(dst, field.name)
             for item in value:
-                _copy_writing_payloads(item, container.add(), writer)
+                copy_message(item, container.add())
         else:
-            _copy_writing_payloads(value, getattr(dst, field.name), writer)
+            copy_message(value, getattr(dst, field.name))
 
 
 class _PayloadWriter:
@@ -817,18 +825,7 @@ class _PayloadWriter:
         else:
             dst.CopyFrom(src)
             return
-        for field, value in src.ListFields():  # the header: everything but the payload
-            if field.name in _TENSOR_DATA:
-                continue
-            if field.message_type is None:
-                if field.is_repeated:
-                    getattr(dst, field.name).extend(value)
-                else:
-                    setattr(dst, field.name, value)
-            elif field.is_repeated:
-                getattr(dst, field.name).extend(value)
-            else:
-                getattr(dst, field.name).CopyFrom(value)
+        _copy_fields(src, dst, lambda s, d: d.CopyFrom(s), skip=_TENSOR_DATA)  # the header: all but the payload
         _set_external(dst, self.name, offset, length)
 
 
